@@ -1,0 +1,195 @@
+"""Orbax checkpoints of a training run, and ``load_trained`` for explain and report.
+
+A workdir holds ``checkpoints/<step>/`` with two items: ``state`` (params,
+batch_stats, opt_state, step, PRNG key data; arrays via tensorstore, no
+pickle) and ``meta`` (JSON: config, class names, normalisation, metrics
+history, partial-epoch progress). Orbax writes each step to a temporary
+directory and renames it when complete, so a crash mid-save never leaves a
+checkpoint that loads as valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+# Fields that decide the shapes of a checkpoint; a mismatch is an "incompatible workdir".
+SHAPE_FIELDS = (("model", "name"), ("model", "width"), ("data", "image_size"))
+
+
+class CheckpointError(RuntimeError):
+    """A workdir whose checkpoints cannot be used as asked (one-line message)."""
+
+
+def checkpoint_dir(workdir) -> Path:
+    return Path(workdir).resolve() / "checkpoints"
+
+
+def make_manager(workdir, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+    """A CheckpointManager keeping the last ``keep`` steps plus the best by test accuracy."""
+    policy = ocm.AnyPreservationPolicy(
+        [
+            ocm.LatestN(keep),
+            ocm.BestN(
+                get_metric_fn=lambda m: m["test_accuracy"],
+                reverse=False,  # Ascending sort; BestN keeps the last n, i.e. the highest accuracy.
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        enable_async_checkpointing=False,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,  # Half-written steps from a crash are removed.
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "meta"))
+
+
+def state_to_tree(state) -> dict:
+    """The arrays of a TrainState as a plain dict (the PRNG key as its uint32 data)."""
+    return {
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "opt_state": state.opt_state,
+        "step": state.step,
+        "rng": jax.random.key_data(state.rng),
+    }
+
+
+def tree_to_state(template, tree: dict):
+    """Puts restored arrays back into a TrainState shaped like ``template``."""
+    return template.replace(
+        params=tree["params"],
+        batch_stats=tree["batch_stats"],
+        opt_state=tree["opt_state"],
+        step=tree["step"],
+        rng=jax.random.wrap_key_data(tree["rng"]),
+    )
+
+
+def save(manager, state, meta: dict, metrics: dict | None = None) -> int:
+    """Saves state and JSON meta at ``state.step``; ``metrics`` (with test_accuracy) ranks best checkpoints."""
+    step = int(jax.device_get(state.step))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state_to_tree(state)),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        metrics=metrics,
+        force=True,
+    )
+    manager.wait_until_finished()
+    return step
+
+
+def read_meta(manager, step: int) -> dict:
+    """The JSON meta of a saved step."""
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_state(manager, step: int, template):
+    """Restores step into a TrainState shaped and sharded like ``template``."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_to_tree(template))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return tree_to_state(template, restored["state"])
+
+
+def describe_mismatch(saved_config: dict, config, num_classes: int, saved_num_classes: int) -> str | None:
+    """Says what makes a saved run incompatible with ``config``, or None if compatible."""
+    diffs = []
+    for group, field in SHAPE_FIELDS:
+        old, new = saved_config[group][field], config[group][field]
+        if old != new:
+            diffs.append(f"{group}.{field} {old!r} -> {new!r}")
+    if saved_num_classes != num_classes:
+        diffs.append(f"num_classes {saved_num_classes} -> {num_classes}")
+    return ", ".join(diffs) or None
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained model ready to apply: ``model.apply(variables, normalize(images, mean, std))``."""
+
+    model: Any
+    variables: dict  # {"params", "batch_stats"}
+    config: ml_collections.ConfigDict
+    class_names: tuple[str, ...]
+    mean: np.ndarray  # (3,)
+    std: np.ndarray  # (3,)
+    step: int
+    history: list
+
+    def logits(self, images_uint8):
+        """(N, H, W, 3) uint8 -> (N, classes) float32 logits in eval mode."""
+        from cifar_jax.augment import normalize
+
+        return self.model.apply(self.variables, normalize(images_uint8, self.mean, self.std), train=False)
+
+
+def load_trained(workdir, step: int | str = "best") -> TrainedModel:
+    """Loads variables, config and class names from a workdir.
+
+    Args:
+      workdir: a training workdir.
+      step: "best" (highest test accuracy), "latest", or an int step.
+
+    Raises CheckpointError with a one-line message if there is nothing to load.
+    """
+    from cifar_jax.train_lib import build_model, init_variables
+
+    if not checkpoint_dir(workdir).is_dir():
+        raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoints/ (train a model there first)")
+    manager = make_manager(workdir, read_only=True)
+    steps = manager.all_steps()
+    if not steps:
+        raise CheckpointError(f"workdir {str(workdir)!r} has no complete checkpoint")
+    if step == "best":
+        step = manager.best_step()
+        step = steps[-1] if step is None else step
+    elif step == "latest":
+        step = steps[-1]
+    elif int(step) not in steps:
+        raise CheckpointError(f"no checkpoint at step {step} in {str(workdir)!r}; saved steps: {list(steps)}")
+    step = int(step)
+    meta = read_meta(manager, step)
+    config = ml_collections.ConfigDict(meta["config"])
+    class_names = tuple(meta["class_names"])
+    model = build_model(config, len(class_names))
+    abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), config.data.image_size))
+    restore_args = {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=restore_args, partial_restore=True)),
+    )["state"]
+    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    manager.close()
+    return TrainedModel(
+        model=model,
+        variables=jax.tree.map(jnp.asarray, variables),
+        config=config,
+        class_names=class_names,
+        mean=np.asarray(meta["mean"], np.float32),
+        std=np.asarray(meta["std"], np.float32),
+        step=step,
+        history=meta.get("history", []),
+    )
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Writes JSON to ``path`` via a temporary file and rename (never half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)

@@ -1,0 +1,231 @@
+"""The pure core of training: state, optimizer, compiled train/eval steps, sharding.
+
+Nothing here reads files or prints. ``make_train_step`` and
+``make_eval_step`` return ``jax.jit``-compiled functions whose batch
+arguments are sharded over the ``"data"`` axis of a device mesh and whose
+state is replicated, so the same code runs on one device, many devices or
+many hosts; the loss is a mean over the *global* batch, so gradients are
+never double-counted.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cifar_jax.augment import augment_batch, normalize
+from cifar_jax.models import get_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus BatchNorm running statistics and the augmentation PRNG key."""
+
+    batch_stats: Any
+    rng: jax.Array
+
+
+def build_model(config, num_classes: int) -> nn.Module:
+    """The Flax module a config's ``model`` block describes."""
+    return get_model(
+        config.model.name,
+        width=config.model.width,
+        num_classes=num_classes,
+        dtype=DTYPES[config.model.dtype],
+        zero_init_residual=config.model.zero_init_residual,
+    )
+
+
+def make_schedule(optim, total_steps: int) -> optax.Schedule:
+    """Learning rate per step: one-cycle (cosine up then down), cosine decay, or constant."""
+    if optim.schedule == "onecycle":
+        return optax.cosine_onecycle_schedule(
+            transition_steps=max(total_steps, 1),
+            peak_value=optim.lr,
+            pct_start=optim.warmup_fraction,
+            div_factor=optim.div_factor,
+            final_div_factor=optim.final_div_factor,
+        )
+    if optim.schedule == "cosine":
+        return optax.cosine_decay_schedule(optim.lr, max(total_steps, 1))
+    return optax.constant_schedule(optim.lr)
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+    """SGD (PyTorch-style coupled L2 weight decay, optional Nesterov), Adam (L2) or AdamW."""
+    schedule = make_schedule(optim, total_steps)
+    if optim.name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(optim.weight_decay),
+            optax.sgd(schedule, momentum=optim.momentum or None, nesterov=optim.nesterov),
+        )
+    if optim.name == "adam":
+        return optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(schedule))
+    if optim.name == "adamw":
+        return optax.adamw(schedule, weight_decay=optim.weight_decay)
+    raise ValueError(f"unknown optimizer {optim.name!r}")
+
+
+def init_variables(model: nn.Module, key: jax.Array, image_size: int = 32) -> dict:
+    """``{"params", "batch_stats"}`` for a (1, image_size, image_size, 3) input."""
+    return model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+
+
+def create_train_state(model, tx, key: jax.Array, image_size: int = 32) -> TrainState:
+    """A fresh TrainState: params and batch_stats from ``key``, the augmentation key split off it."""
+    init_key, aug_key = jax.random.split(key)
+    variables = init_variables(model, init_key, image_size)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=tx,
+        rng=aug_key,
+    )
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh named ``"data"`` over every device of every process."""
+    # Auto axes: XLA propagates the batch sharding through the step (no explicit-sharding types).
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def create_sharded_state(model, tx, seed: int, mesh, image_size: int = 32) -> TrainState:
+    """create_train_state compiled with a replicated output, so every host builds the same state."""
+    init = jax.jit(
+        lambda key: create_train_state(model, tx, key, image_size),
+        out_shardings=replicated(mesh),
+    )
+    return init(jax.random.key(seed))
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy (N,) with optional label smoothing."""
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: TrainState, images, labels, mean, std, *, aug, label_smoothing=0.0):
+    """One SGD step on a global batch.
+
+    Args:
+      state: replicated TrainState.
+      images: (B, H, W, 3) uint8, sharded over "data".
+      labels: (B,) int32.
+      mean, std: (3,) normalisation constants.
+      aug: dict of augment_batch keyword arguments.
+
+    Returns:
+      (new_state, metrics) with metrics = {"loss_sum", "correct", "count"} scalars
+      summed over the batch (so per-epoch means are exact).
+    """
+    key = jax.random.fold_in(state.rng, state.step)  # Augmentation depends only on (seed, step).
+    x = augment_batch(key, images, mean, std, **aug)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        losses = cross_entropy(logits, labels, logits.shape[-1], label_smoothing)
+        return losses.mean(), (logits, updates["batch_stats"], losses)
+
+    (_, (logits, batch_stats, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {
+        "loss_sum": losses.sum(),
+        "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+        "count": jnp.asarray(labels.shape[0]),
+    }
+    return state, metrics
+
+
+def eval_step(state: TrainState, images, labels, mask, mean, std, *, flip=False):
+    """Evaluates a (padded) batch with running BatchNorm statistics.
+
+    Args:
+      images: (B, H, W, 3) uint8; labels: (B,) int32; mask: (B,) bool, False on padding.
+      flip: also run the mirrored images and average the logits.
+
+    Returns:
+      {"logits": (B, classes) float32, "loss": (B,) float32 (0 on padding)}.
+    """
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    x = normalize(images, mean, std)
+    logits = state.apply_fn(variables, x, train=False).astype(jnp.float32)
+    if flip:
+        logits = 0.5 * (logits + state.apply_fn(variables, x[:, :, ::-1], train=False).astype(jnp.float32))
+    loss = cross_entropy(logits, labels, logits.shape[-1]) * mask
+    return {"logits": logits, "loss": loss}
+
+
+def make_train_step(mesh, *, aug: dict, label_smoothing: float = 0.0, steps_per_dispatch: int = 1):
+    """Compiles train_step for ``mesh``: ``step(state, images, labels, mean, std) -> (state, metrics)``.
+
+    With ``steps_per_dispatch`` = K > 1, images/labels carry a leading axis of K
+    batches and one call runs K steps with ``lax.scan`` (fewer host round trips);
+    metrics are then summed over the K steps.
+    """
+    single = functools.partial(train_step, aug=aug, label_smoothing=label_smoothing)
+    repl, data = replicated(mesh), batch_sharded(mesh)
+    if steps_per_dispatch == 1:
+        fn, batch_spec = single, data
+    else:
+
+        def fn(state, images, labels, mean, std):
+            def body(s, batch):
+                return single(s, batch[0], batch[1], mean, std)
+
+            state, metrics = jax.lax.scan(body, state, (images, labels))
+            return state, jax.tree.map(lambda m: m.sum(0), metrics)
+
+        batch_spec = NamedSharding(mesh, P(None, "data"))
+    return jax.jit(
+        fn,
+        in_shardings=(repl, batch_spec, batch_spec, repl, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),  # The old state's buffers are reused for the new one.
+    )
+
+
+def make_eval_step(mesh, *, flip: bool = False):
+    """Compiles eval_step for ``mesh``; outputs are gathered (replicated) so every host can read them."""
+    repl, data = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(
+        functools.partial(eval_step, flip=flip),
+        in_shardings=(repl, data, data, data, repl, repl),
+        out_shardings=repl,
+    )
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The training order of ``epoch``: a permutation that depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def global_batch(mesh, local_images: np.ndarray, local_labels: np.ndarray, global_rows: int, leading=()):
+    """Builds global arrays from this process's rows of the batch (its 1/process_count share)."""
+    spec = P(*([None] * len(leading)), "data")
+    sharding = NamedSharding(mesh, spec)
+    images = jax.make_array_from_process_local_data(sharding, local_images, (*leading, global_rows, *local_images.shape[len(leading) + 1 :]))
+    labels = jax.make_array_from_process_local_data(sharding, local_labels, (*leading, global_rows))
+    return images, labels
