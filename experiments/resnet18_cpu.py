@@ -14,7 +14,7 @@ def get_config():
     config = base_config()
     config.model.name = "resnet18"
     config.model.width = 16
-    config.epochs = 14
+    config.epochs = 12
     config.batch_size = 256
     config.optim.name = "sgd"
     config.optim.lr = 0.2
