@@ -169,10 +169,18 @@ def load_trained(workdir, step: int | str = "best") -> TrainedModel:
     class_names = tuple(meta["class_names"])
     model = build_model(config, len(class_names))
     abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), config.data.image_size))
-    restore_args = {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with_sharding = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+    restore_args = jax.tree.map(with_sharding, {"params": abstract["params"], "batch_stats": abstract["batch_stats"]})
     restored = manager.restore(
         step,
-        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=restore_args, partial_restore=True)),
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=restore_args,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(restore_args),
+                partial_restore=True,
+            )
+        ),
     )["state"]
     variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     manager.close()

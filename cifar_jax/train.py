@@ -276,13 +276,10 @@ def train_and_evaluate(config, workdir) -> list[dict]:
         if writer is not None:
             writer.close()
     if is_main and config.log.report:
-        try:
-            from cifar_jax.report import build_report
-        except ImportError:
-            build_report = None
-        if build_report is not None:
-            build_report(workdir)
-            say(f"Report written to {workdir / 'REPORT.md'}")
+        from cifar_jax.report import build_report
+
+        build_report(workdir)
+        say(f"Report written to {workdir / 'REPORT.md'}")
     return history
 
 

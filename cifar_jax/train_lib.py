@@ -94,10 +94,11 @@ def create_train_state(model, tx, key: jax.Array, image_size: int = 32) -> Train
     )
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """A 1-D mesh named ``"data"`` over every device of every process."""
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh named ``"data"`` over ``devices`` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
     # Auto axes: XLA propagates the batch sharding through the step (no explicit-sharding types).
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh) -> NamedSharding:

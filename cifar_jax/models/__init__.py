@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cifar_jax.models.resnet import STAGES, BasicBlock, Bottleneck, ResNet, ResNet18, ResNet34, ResNet50
+from cifar_jax.models.resnet import STAGES, BasicBlock, Bottleneck, ResNet, ResNet10, ResNet18, ResNet34, ResNet50
 
-MODELS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50}
+MODELS = {"resnet10": ResNet10, "resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50}
 
 
 def get_model(name: str, **kwargs) -> ResNet:
@@ -15,4 +15,4 @@ def get_model(name: str, **kwargs) -> ResNet:
     return MODELS[key](**kwargs)
 
 
-__all__ = ["MODELS", "STAGES", "BasicBlock", "Bottleneck", "ResNet", "ResNet18", "ResNet34", "ResNet50", "get_model"]
+__all__ = ["MODELS", "STAGES", "BasicBlock", "Bottleneck", "ResNet", "ResNet10", "ResNet18", "ResNet34", "ResNet50", "get_model"]

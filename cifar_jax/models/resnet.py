@@ -42,17 +42,18 @@ class BasicBlock(nn.Module):
     conv: Callable[..., nn.Module] = nn.Conv
     norm: Callable[..., nn.Module] = nn.BatchNorm
     zero_init_residual: bool = False
+    act: Callable = nn.relu
     expansion = 1
 
     @nn.compact
     def __call__(self, x):
         out_channels = self.channels * self.expansion
         y = self.conv(self.channels, (3, 3), self.strides, padding=PAD_3x3, name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.act(self.norm(name="bn1")(y))
         y = self.conv(self.channels, (3, 3), 1, padding=PAD_3x3, name="conv2")(y)
         scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.norm(name="bn2", scale_init=scale_init)(y)
-        return nn.relu(y + _shortcut(self, x, out_channels))
+        return self.act(y + _shortcut(self, x, out_channels))
 
 
 class Bottleneck(nn.Module):
@@ -63,19 +64,20 @@ class Bottleneck(nn.Module):
     conv: Callable[..., nn.Module] = nn.Conv
     norm: Callable[..., nn.Module] = nn.BatchNorm
     zero_init_residual: bool = False
+    act: Callable = nn.relu
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
         out_channels = self.channels * self.expansion
         y = self.conv(self.channels, (1, 1), name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.act(self.norm(name="bn1")(y))
         y = self.conv(self.channels, (3, 3), self.strides, padding=PAD_3x3, name="conv2")(y)
-        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.act(self.norm(name="bn2")(y))
         y = self.conv(out_channels, (1, 1), name="conv3")(y)
         scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.norm(name="bn3", scale_init=scale_init)(y)
-        return nn.relu(y + _shortcut(self, x, out_channels))
+        return self.act(y + _shortcut(self, x, out_channels))
 
 
 def _shortcut(block, x, out_channels):
@@ -96,6 +98,7 @@ class Stage(nn.Module):
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
     zero_init_residual: bool = False
+    act: Callable = nn.relu
 
     @nn.compact
     def __call__(self, x):
@@ -106,6 +109,7 @@ class Stage(nn.Module):
                 conv=self.conv,
                 norm=self.norm,
                 zero_init_residual=self.zero_init_residual,
+                act=self.act,
                 name=f"block{i}",
             )(x)
         return x
@@ -121,6 +125,7 @@ class ResNet(nn.Module):
       width: channels of the stem and the first stage (64 in the original).
       dtype: computation dtype (params stay float32), e.g. jnp.bfloat16.
       zero_init_residual: start each block's last BN scale at zero.
+      act: the nonlinearity (guided backpropagation swaps in a guided ReLU).
     """
 
     stage_sizes: Sequence[int]
@@ -129,6 +134,7 @@ class ResNet(nn.Module):
     width: int = 64
     dtype: Any = jnp.float32
     zero_init_residual: bool = False
+    act: Callable = nn.relu
 
     @nn.compact
     def __call__(self, x, train: bool = False, start: str | None = None, end: str | None = None):
@@ -157,7 +163,7 @@ class ResNet(nn.Module):
             name = STAGES[index] if index < len(STAGES) else "head"
             if name == "stem":
                 x = conv(self.width, (3, 3), padding=PAD_3x3, name="stem_conv")(x)
-                x = nn.relu(norm(name="stem_bn")(x))
+                x = self.act(norm(name="stem_bn")(x))
             elif name.startswith("layer"):
                 k = int(name[-1]) - 1
                 x = Stage(
@@ -168,6 +174,7 @@ class ResNet(nn.Module):
                     conv,
                     norm,
                     self.zero_init_residual,
+                    self.act,
                     name=name,
                 )(x)
             elif name == "pool":
@@ -183,6 +190,7 @@ def _stage_index(name: str) -> int:
     return STAGES.index(name)
 
 
+ResNet10 = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block=BasicBlock)  # Small and quick to compile: tests.
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock)
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock)
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck)

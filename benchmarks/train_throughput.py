@@ -1,0 +1,141 @@
+"""Images/s of the compiled JAX train step vs a PyTorch eager step of the same ResNet18, same batch, same process.
+
+    python benchmarks/train_throughput.py [--quick] [--configs cpu,full] [--steps-per-dispatch K] [--out r.json]
+
+JAX: train_lib.make_train_step on a 1-device mesh (crop/flip/cutout augmentation,
+forward, backward, SGD-Nesterov update, all in one XLA call). PyTorch: eager
+forward/backward/SGD-Nesterov step on an already-normalised float batch (no
+augmentation, so the comparison is, if anything, tilted towards PyTorch),
+contiguous and channels_last; the faster layout is the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from _common import ROOT, finish, parser, timed, warn_if_busy
+
+# name: (experiment file, width, batch, timed steps per repeat)
+CONFIGS = {"cpu": ("resnet18_cpu.py", 16, 256, 10), "full": ("resnet18.py", 64, 64, 4)}
+QUICK = {"cpu": ("resnet18_cpu.py", 4, 16, 2), "full": ("resnet18.py", 8, 8, 2)}
+
+
+def jax_images_per_s(config, batch, steps, repeats, k=1):
+    """(images/s, compile s, parameter count) of the real train step; k > 1 runs k steps per call (lax.scan)."""
+    import time
+
+    import jax
+
+    from cifar_jax import train_lib
+
+    model = train_lib.build_model(config, 10)
+    mesh = train_lib.make_mesh(jax.devices()[:1])
+    state = train_lib.create_sharded_state(model, train_lib.make_optimizer(config.optim, 10_000), 0, mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    aug = dict(crop_padding=config.augment.crop_padding, pad_mode=config.augment.pad_mode,
+               flip=config.augment.flip, cutout_size=config.augment.cutout)
+    step = train_lib.make_train_step(mesh, aug=aug, label_smoothing=config.optim.label_smoothing, steps_per_dispatch=k)
+    rng = np.random.default_rng(0)
+    lead = (k,) if k > 1 else ()
+    images = rng.integers(0, 256, (*lead, batch, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (*lead, batch), dtype=np.int32)
+    images, labels = train_lib.global_batch(mesh, images, labels, batch, leading=lead)  # Fixed, already on device.
+    mean, std = np.array([0.49, 0.48, 0.45], np.float32), np.array([0.25, 0.24, 0.26], np.float32)
+    box = [state]
+
+    def run(calls):
+        s = box[0]
+        for _ in range(calls):
+            s, _ = step(s, images, labels, mean, std)  # The state is donated: always continue from the new one.
+        jax.block_until_ready(s)
+        box[0] = s
+
+    t0 = time.perf_counter()
+    run(1)  # Compiles.
+    compile_s = time.perf_counter() - t0
+    run(2)  # Warm-up.
+    calls = max(1, steps // k)
+    median, _ = timed(lambda: run(calls), repeats)
+    return calls * k * batch / median, compile_s, n_params
+
+
+def torch_images_per_s(width, batch, steps, repeats, label_smoothing, channels_last, expect_params):
+    import torch
+    from torch import nn
+
+    from _torch_resnet import ResNet18, num_params
+
+    torch.set_num_threads(os.cpu_count())  # Every core, as XLA uses.
+    torch.manual_seed(0)
+    model = ResNet18(width).train()
+    if num_params(model) != expect_params:
+        raise SystemExit(f"PyTorch model has {num_params(model)} parameters, the JAX one {expect_params}")
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def run(n):
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+    run(2)  # Warm-up (allocator, oneDNN primitive caches).
+    median, _ = timed(lambda: run(steps), repeats)
+    return steps * batch / median
+
+
+def main():
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--configs", default="cpu,full", help="comma-separated: cpu (width 16, batch 256), full (width 64, batch 64)")
+    p.add_argument("--steps-per-dispatch", type=int, default=1, help="JAX steps per compiled call (lax.scan)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--dtype", default="float32", help="JAX model.dtype (float32 or bfloat16)")
+    args = p.parse_args()
+    busy = warn_if_busy(args)
+    repeats = 2 if args.quick else args.repeats
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        torch = None
+        print("PyTorch is not importable: skipping the PyTorch column (pip install torch==2.13.0 for a CPU wheel).")
+    from cifar_jax.config import load_config
+
+    rows, ratios = [], {}
+    for name in args.configs.split(","):
+        file, width, batch, steps = (QUICK if args.quick else CONFIGS)[name]
+        config = load_config(ROOT / "experiments" / file)
+        config.model.width, config.model.dtype = width, args.dtype
+        k = args.steps_per_dispatch
+        steps = max(steps, k)
+        print(f"[{name}] JAX width {width}, batch {batch}, {steps} steps x {repeats} repeats ...", flush=True)
+        jax_ips, compile_s, n_params = jax_images_per_s(config, batch, steps, repeats, k)
+        row = dict(config=name, width=width, batch=batch, params=n_params, impl=f"jax (k={k}, {args.dtype})",
+                   images_per_s=jax_ips, step_ms=1000 * batch / jax_ips, compile_s=compile_s)
+        rows.append(row)
+        if torch is None or args.skip_torch:
+            continue
+        best = 0.0
+        for channels_last in (False, True):
+            print(f"[{name}] PyTorch eager, channels_last={channels_last} ...", flush=True)
+            ips = torch_images_per_s(width, batch, steps, repeats, config.optim.label_smoothing, channels_last, n_params)
+            rows.append(dict(config=name, width=width, batch=batch, params=n_params,
+                             impl=f"torch eager{' channels_last' if channels_last else ''}",
+                             images_per_s=ips, step_ms=1000 * batch / ips))
+            best = max(best, ips)
+        ratios[name] = jax_ips / best
+        row["jax_over_torch"] = ratios[name]
+    finish("train_throughput", args, rows, ["config", "width", "batch", "params", "impl", "images_per_s", "step_ms", "compile_s", "jax_over_torch"],
+           jax_over_torch=ratios, busy=busy)
+    for name, r in ratios.items():
+        print(f"{name}: JAX / PyTorch (faster layout) = {r:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

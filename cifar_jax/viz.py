@@ -1,0 +1,95 @@
+"""Pictures: heat-map overlays (pure numpy) and matplotlib grids written to PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def heatmap_overlay(image, cam, alpha: float = 0.5, colormap: str = "jet"):
+    """Blends a colour-mapped CAM over an image.
+
+    Args:
+      image: (H, W, 3) float in [0, 1] or uint8.
+      cam: (H, W) float in [0, 1], same H, W as the image.
+      alpha: weight of the heat map (0 = image only).
+
+    Returns:
+      (H, W, 3) float32 in [0, 1], like pytorch-grad-cam's ``show_cam_on_image``.
+    """
+    from matplotlib import colormaps
+
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        image = image.astype(np.float32) / 255.0
+    cam = np.clip(np.asarray(cam, np.float32), 0.0, 1.0)
+    if cam.shape != image.shape[:2]:
+        raise ValueError(f"cam of shape {cam.shape} does not match image of shape {image.shape[:2]}")
+    heat = colormaps[colormap](cam)[..., :3].astype(np.float32)
+    return np.clip((1 - alpha) * image + alpha * heat, 0.0, 1.0)
+
+
+def upscale_nearest(image, factor: int):
+    """(H, W, C) -> (H*f, W*f, C) by pixel repetition: tiny CIFAR images stay crisp when enlarged."""
+    return np.repeat(np.repeat(np.asarray(image), factor, axis=0), factor, axis=1)
+
+
+def save_png(path, image) -> None:
+    """Writes an (H, W, 3) float [0, 1] or uint8 array as a PNG."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, optimize=True)
+
+
+def image_grid(
+    path, images, titles: Sequence[str], overlays=None, cols: int = 5, title: str | None = None, overlay_label: str = "Grad-CAM"
+) -> None:
+    """A grid of images with a caption each; with ``overlays``, each image's heat map sits right beside it.
+
+    Args:
+      images: (N, H, W, 3) uint8 or [0, 1] float.
+      titles: N captions (e.g. "true: cat\\npred: dog 0.81").
+      overlays: optional (N, H, W, 3) overlays drawn next to their images.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    per_item = 2 if overlays is not None else 1
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols * per_item, figsize=(1.6 * cols * per_item, 2.25 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        r, c = divmod(i, cols)
+        ax = axes[r, c * per_item]
+        ax.imshow(images[i], interpolation="nearest")
+        ax.set_title(titles[i], fontsize=8)
+        if overlays is not None:
+            axes[r, c * per_item + 1].imshow(overlays[i], interpolation="bilinear")
+            axes[r, c * per_item + 1].set_title(overlay_label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    shrink_png(path)
+
+
+def shrink_png(path) -> None:
+    """Re-saves a PNG with a 256-colour palette: grids of photos shrink about 3x, still readable."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    small.save(path, optimize=True)

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real CIFAR-10 JPEG archive, tiny models, small image-folder trees."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+CLASSES = ("airplane", "automobile", "bird")
+
+
+@pytest.fixture(scope="session")
+def cifar_archive():
+    """Path of the shared CIFAR-10 JPEG archive (tests needing it skip if it is absent)."""
+    if not SHARED_ARCHIVE.exists():
+        pytest.skip(f"{SHARED_ARCHIVE} not found")
+    return SHARED_ARCHIVE
+
+
+def write_image_tree(root: Path, per_class: int = 4, size: int = 32, classes=CLASSES, seed: int = 0) -> Path:
+    """Writes train/<class>/*.png and test/<class>/*.jpg with the class index encoded in the red channel."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, ext in (("train", "png"), ("test", "jpg")):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                pixels[..., 0] = 40 + 80 * c
+                Image.fromarray(pixels).save(d / f"{i:04d}.{ext}", quality=95)
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    return write_image_tree(tmp_path / "tree")
+
+
+def run_module(*args, timeout=600, env=None):
+    """Runs ``python -m ARGS`` from the repo root; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
+    )

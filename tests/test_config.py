@@ -1,0 +1,78 @@
+import pytest
+
+from cifar_jax.config import ConfigError, apply_overrides, base_config, load_config, validate
+from tests.conftest import ROOT, run_module
+
+
+def test_overrides_are_parsed_to_the_field_type():
+    c = apply_overrides(base_config(), ["epochs=3", "optim.lr=0.5", "augment.flip=false", "model.name=resnet34"])
+    assert c.epochs == 3 and isinstance(c.epochs, int)
+    assert c.optim.lr == 0.5 and c.augment.flip is False and c.model.name == "resnet34"
+    assert base_config().epochs == 20  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("epochz=3", "unknown config field 'epochz'"),
+        ("optim.lrr=1", "unknown config field 'optim.lrr'"),
+        ("nothing.lr=1", "unknown config field 'nothing'"),
+        ("epochs=three", "expected a int"),
+        ("augment.flip=maybe", "expected a bool"),
+        ("optim=1", "is a group"),
+        ("epochs", "must look like"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(base_config(), [override])
+
+
+@pytest.mark.parametrize(
+    "override,devices,message",
+    [
+        ("epochs=0", 1, "epochs must be positive"),
+        ("batch_size=100", 3, "not divisible by the 3 devices"),
+        ("optim.name=rmsprop", 1, "unknown optim.name 'rmsprop'"),
+        ("data.path=/no/such/place", 1, "does not exist"),
+        ("model.name=vgg", 1, "unknown model.name 'vgg'"),
+        ("optim.schedule=linear", 1, "unknown optim.schedule"),
+    ],
+)
+def test_bad_values_are_rejected_before_compute(override, devices, message, cifar_archive):
+    config = apply_overrides(base_config(), [f"data.path={cifar_archive}", override])
+    with pytest.raises(ConfigError, match=message):
+        validate(config, devices)
+
+
+@pytest.mark.parametrize("name", ["resnet18.py", "resnet18_cpu.py", "smoke.py"])
+def test_experiment_configs_load_and_validate(name, cifar_archive):
+    config = load_config(ROOT / "experiments" / name)
+    config.data.path = str(cifar_archive)
+    validate(config)
+    assert f"python -m cifar_jax.train --config experiments/{name}" in (ROOT / "experiments" / name).read_text()
+
+
+def test_original_recipe_config():
+    c = load_config(ROOT / "experiments" / "resnet18.py")
+    assert (c.model.name, c.model.width, c.epochs, c.batch_size) == ("resnet18", 64, 20, 512)
+    assert c.optim.schedule == "onecycle" and c.optim.nesterov
+    assert c.augment.crop_padding == 4 and c.augment.flip and c.augment.cutout == 16
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config", "experiments/nope.py"], "config file 'experiments/nope.py' does not exist"),
+        (["--config", "experiments/smoke.py", "--config.epochz=1"], "unknown config field 'epochz'"),
+        (["--config", "experiments/smoke.py", "--config.epochs=0"], "epochs must be positive"),
+        (["--config", "experiments/smoke.py", "--config.data.path=/nowhere.tar.gz"], "does not exist"),
+    ],
+)
+def test_cli_reports_bad_config_in_one_line(args, message, tmp_path):
+    result = run_module("cifar_jax.train", *args, "--workdir", str(tmp_path / "w"), timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("error:") and message in lines[-1], result.stderr
+    assert not (tmp_path / "w").exists()  # nothing computed, nothing written

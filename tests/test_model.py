@@ -1,0 +1,130 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifar_jax.models import STAGES, get_model
+from cifar_jax.models.resnet import PAD_3x3
+
+
+def count(tree):
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def test_resnet18_width64_has_the_original_parameter_count():
+    model = get_model("resnet18")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    assert count(shapes["params"]) == 11_173_962
+
+
+def test_architecture_is_the_cifar_variant():
+    model = get_model("resnet18", width=8, num_classes=7)
+    x = jnp.zeros((2, 32, 32, 3))
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    assert v["params"]["stem_conv"]["kernel"].shape == (3, 3, 3, 8)  # 3x3 stem, no 7x7
+    shapes = {s: jax.eval_shape(lambda v: model.apply(v, x, end=s), v).shape for s in STAGES}
+    assert shapes == {
+        "stem": (2, 32, 32, 8),  # stride 1, no max-pool
+        "layer1": (2, 32, 32, 8),
+        "layer2": (2, 16, 16, 16),
+        "layer3": (2, 8, 8, 32),
+        "layer4": (2, 4, 4, 64),
+        "pool": (2, 64),
+    }
+    assert jax.eval_shape(lambda v: model.apply(v, x), v).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name,blocks", [("resnet34", 16), ("resnet50", 16)])
+def test_deeper_models_build(name, blocks):
+    model = get_model(name, width=4)
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    n_blocks = sum(len(v["params"][f"layer{k}"]) for k in range(1, 5))
+    assert n_blocks == blocks
+    expansion = 4 if name == "resnet50" else 1
+    assert v["params"]["head"]["kernel"].shape == (32 * expansion, 10)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'resnet19'"):
+        get_model("resnet19")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = get_model("resnet18", width=4)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    # Non-trivial running statistics, so eval mode really uses them.
+    variables = {
+        "params": variables["params"],
+        "batch_stats": jax.tree.map(lambda s: s + 0.1 * jnp.arange(s.size).reshape(s.shape) / s.size, variables["batch_stats"]),
+    }
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    return model, variables, x
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_split_at_any_stage_composes_to_the_full_model(tiny, stage):
+    model, variables, x = tiny
+    full = model.apply(variables, x)
+    acts = model.apply(variables, x, end=stage)
+    composed = model.apply(variables, acts, start=stage)
+    np.testing.assert_array_equal(np.asarray(composed), np.asarray(full))
+
+
+def test_start_after_end_is_rejected(tiny):
+    model, variables, x = tiny
+    with pytest.raises(ValueError, match="comes after"):
+        model.apply(variables, x, start="layer3", end="layer2")
+
+
+def conv2d_pytorch(x, w, stride, pad):
+    """Reference NCHW-free conv with PyTorch semantics: zero-pad ``pad`` on every side, then stride."""
+    x = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
+    kh, kw, _, cout = w.shape
+    oh = (x.shape[0] - kh) // stride + 1
+    ow = (x.shape[1] - kw) // stride + 1
+    out = np.zeros((oh, ow, cout))
+    for i in range(oh):
+        for j in range(ow):
+            patch = x[i * stride : i * stride + kh, j * stride : j * stride + kw]
+            out[i, j] = np.tensordot(patch, w, axes=3)
+    return out
+
+
+def test_strided_conv_pads_like_pytorch():
+    import flax.linen as nn
+
+    conv = nn.Conv(5, (3, 3), 2, padding=PAD_3x3, use_bias=False)
+    x = np.random.default_rng(0).normal(size=(1, 8, 8, 3)).astype(np.float32)
+    v = conv.init(jax.random.key(0), x)
+    ours = np.asarray(conv.apply(v, x))[0]
+    ref = conv2d_pytorch(x[0], np.asarray(v["params"]["kernel"]), stride=2, pad=1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    same = nn.Conv(5, (3, 3), 2, padding="SAME", use_bias=False).apply(v, x)
+    assert not np.allclose(np.asarray(same)[0], ref, atol=1e-3)  # XLA's SAME would be a different function
+
+
+def test_batchnorm_matches_pytorch_conventions(tiny):
+    model, variables, x = tiny
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    stem = model.apply(variables, x, end="stem")  # just to check eval mode runs
+    assert stem.shape == (3, 32, 32, 4)
+    # Running mean moves 10% of the way to the batch mean (PyTorch momentum 0.1).
+    pre_bn = jax.lax.conv_general_dilated(
+        x, variables["params"]["stem_conv"]["kernel"], (1, 1), PAD_3x3, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    expected = 0.9 * variables["batch_stats"]["stem_bn"]["mean"] + 0.1 * pre_bn.mean((0, 1, 2))
+    np.testing.assert_allclose(updates["batch_stats"]["stem_bn"]["mean"], expected, rtol=1e-5, atol=1e-6)
+    # Eval mode normalises with running stats and PyTorch's epsilon 1e-5.
+    stats = variables["batch_stats"]["stem_bn"]
+    p = variables["params"]["stem_bn"]
+    manual = jax.nn.relu((pre_bn - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5) * p["scale"] + p["bias"])
+    np.testing.assert_allclose(stem, manual, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = get_model("resnet18", width=4, dtype=jnp.bfloat16)
+    v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v["params"]))
+    assert model.apply(v, jnp.ones((2, 32, 32, 3))).dtype == jnp.float32
+    assert model.apply(v, jnp.ones((2, 32, 32, 3)), end="layer4").dtype == jnp.bfloat16

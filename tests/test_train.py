@@ -1,0 +1,150 @@
+import json
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifar_jax import train_lib
+from cifar_jax.config import base_config
+from tests.conftest import ROOT, run_module
+
+AUG = dict(crop_padding=4, pad_mode="reflect", flip=True, cutout_size=8)
+MEAN, STD = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+
+
+def tiny_setup(optimizer="sgd", total_steps=10):
+    config = base_config()
+    config.model.name = "resnet10"
+    config.model.width = 4
+    config.optim.name = optimizer
+    config.optim.lr = 0.05 if optimizer == "sgd" else 3e-3
+    mesh = train_lib.make_mesh(jax.devices()[:1])
+    model = train_lib.build_model(config, 10)
+    tx = train_lib.make_optimizer(config.optim, total_steps)
+    state = train_lib.create_sharded_state(model, tx, 0, mesh)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (32,)).astype(np.int32)
+    return config, mesh, state, images, labels
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_train_step_fits_a_fixed_batch(optimizer):
+    _, mesh, state, images, labels = tiny_setup(optimizer, total_steps=30)
+    step = train_lib.make_train_step(mesh, aug=dict(AUG, crop_padding=0, flip=False, cutout_size=0))
+    losses = []
+    for _ in range(30):
+        state, m = step(state, images, labels, MEAN, STD)
+        losses.append(float(m["loss_sum"]) / 32)
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 30
+
+
+def test_train_step_updates_batch_stats_and_counts():
+    _, mesh, state, images, labels = tiny_setup()
+    before = jax.device_get(state.batch_stats)
+    step = train_lib.make_train_step(mesh, aug=AUG, label_smoothing=0.1)
+    state, m = step(state, images, labels, MEAN, STD)
+    assert int(m["count"]) == 32 and 0 <= int(m["correct"]) <= 32
+    after = jax.device_get(state.batch_stats)
+    assert not np.allclose(before["stem_bn"]["mean"], after["stem_bn"]["mean"])
+
+
+def test_scanned_steps_equal_single_steps():
+    _, mesh, state, images, labels = tiny_setup()
+    state2 = jax.tree.map(jnp.copy, state)
+    single = train_lib.make_train_step(mesh, aug=AUG)
+    scanned = train_lib.make_train_step(mesh, aug=AUG, steps_per_dispatch=2)
+    total = 0.0
+    for i in range(2):
+        state, m = single(state, images[16 * i : 16 * (i + 1)], labels[16 * i : 16 * (i + 1)], MEAN, STD)
+        total += float(m["loss_sum"])
+    state2, m2 = scanned(state2, images.reshape(2, 16, 32, 32, 3), labels.reshape(2, 16), MEAN, STD)
+    np.testing.assert_allclose(float(m2["loss_sum"]), total, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state2.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_step_masks_padding_and_flip_averages():
+    _, mesh, state, images, labels = tiny_setup()
+    ev = train_lib.make_eval_step(mesh)
+    mask = np.arange(32) < 20
+    out = ev(state, images, labels, mask, MEAN, STD)
+    assert out["logits"].shape == (32, 10)
+    assert np.all(np.asarray(out["loss"])[20:] == 0) and np.all(np.asarray(out["loss"])[:20] > 0)
+    flipped = train_lib.make_eval_step(mesh, flip=True)(state, images, labels, mask, MEAN, STD)
+    mirror = ev(state, images[:, :, ::-1], labels, mask, MEAN, STD)
+    np.testing.assert_allclose(flipped["logits"], 0.5 * (out["logits"] + mirror["logits"]), rtol=1e-5, atol=1e-5)
+
+
+def test_onecycle_schedule_peaks_at_warmup_end():
+    config = base_config()
+    sched = train_lib.make_schedule(config.optim, 100)
+    lrs = np.array([sched(i) for i in range(101)])
+    assert abs(lrs.max() - config.optim.lr) < 1e-6
+    assert int(lrs.argmax()) == 25
+    assert lrs[0] == pytest.approx(config.optim.lr / 25) and lrs[-1] < lrs[0]
+
+
+def run_parallel(out, *extra):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "parallel_train.py"), str(out), *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def assert_same_run(a_file, b_file):
+    a, b = np.load(a_file), np.load(b_file)
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-5)
+    for k in a.files:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("par") / "one.npz"
+    proc = run_parallel(out, "--devices", "1")
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    return out
+
+
+def test_eight_devices_match_one_device(one_device_run, tmp_path):
+    proc = run_parallel(tmp_path / "eight.npz", "--devices", "8", "--local-devices", "8")
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    assert_same_run(one_device_run, tmp_path / "eight.npz")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(one_device_run, tmp_path):
+    port = str(free_port())
+    common = ["--devices", "2", "--num-processes", "2", "--port", port]
+    procs = [run_parallel(tmp_path / "multi.npz", *common, "--process-id", str(i)) for i in range(2)]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], [p.stdout.read() for p in procs]
+    assert_same_run(one_device_run, tmp_path / "multi.npz")
+
+
+def test_smoke_config_end_to_end(cifar_archive, tmp_path):
+    workdir = tmp_path / "smoke"
+    result = run_module(
+        "cifar_jax.train", "--config", "experiments/smoke.py", "--workdir", str(workdir),
+        f"--config.data.path={cifar_archive}", "--config.log.progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert 0 <= r["test_accuracy"] <= 1 and np.isfinite(r["train_loss"])
+        assert set(r["classification_report"]) >= {"airplane", "truck", "macro avg"}
+    assert "precision    recall  f1-score" in result.stdout  # sklearn's report, per epoch
+    assert "Total Parameters" in (workdir / "model_summary.txt").read_text()
+    assert records[-1]["step"] == 2 * (512 // 64)
