@@ -95,6 +95,14 @@ def save(manager, state, meta: dict, metrics: dict | None = None) -> int:
     return step
 
 
+def best_step(manager) -> int:
+    """The saved step with the highest test accuracy in the run's history (the latest if none was evaluated)."""
+    steps = list(manager.all_steps())
+    history = read_meta(manager, steps[-1]).get("history", [])
+    scored = [r for r in history if r["step"] in steps]
+    return max(scored, key=lambda r: (r["test_accuracy"], r["step"]))["step"] if scored else steps[-1]  # Ties: the later, as BestN keeps.
+
+
 def read_meta(manager, step: int) -> dict:
     """The JSON meta of a saved step."""
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -157,8 +165,7 @@ def load_trained(workdir, step: int | str = "best") -> TrainedModel:
     if not steps:
         raise CheckpointError(f"workdir {str(workdir)!r} has no complete checkpoint")
     if step == "best":
-        step = manager.best_step()
-        step = steps[-1] if step is None else step
+        step = best_step(manager)
     elif step == "latest":
         step = steps[-1]
     elif int(step) not in steps:

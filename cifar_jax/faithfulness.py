@@ -255,6 +255,7 @@ def noisy_linear_impute(images, removed, key, *, noise: float = 0.01, iters: int
 
 @functools.partial(jax.jit, static_argnames=("percentages", "noise", "iters", "step_batch"))
 def _road(logits_fn, images, saliency, targets, key, *, percentages, noise, iters, step_batch):
+    """MoRF curve (N, P) for ``saliency``; LeRF is this with the saliency negated."""
     rank_key, noise_key = jax.random.split(key)
     ranks = pixel_ranks(saliency, rank_key)
 
@@ -468,6 +469,12 @@ def full_randomization_spearman(model, variables, images, targets, key, *, metho
 # --------------------------------------------------------------------------- tables
 
 
+@jax.jit
+def _predict(logits_fn, images):
+    """Predicted class per image: (N, H, W, C) -> (N,)."""
+    return jnp.argmax(logits_fn(images), axis=-1)
+
+
 def _saliency(name, model, variables, images, targets, key, layer):
     """(N, H, W) map of a CAM method or a baseline for one batch."""
     if name == "random":
@@ -520,7 +527,7 @@ def evaluate_methods(
     images = jnp.asarray(images, jnp.float32)
     n = images.shape[0]
     if targets is None:
-        targets = jnp.concatenate([jnp.argmax(logits_fn(images[i : i + batch_size]), -1) for i in range(0, n, batch_size)])
+        targets = jnp.concatenate([_predict(logits_fn, images[i : i + batch_size]) for i in range(0, n, batch_size)])
     targets = jnp.asarray(targets, jnp.int32)
     names = methods + BASELINES
     per_image = {name: [] for name in names}

@@ -209,12 +209,12 @@ def test_cascading_randomization_destroys_rank_correlation(tiny_resnet):
 
 
 def test_evaluate_methods_table(tiny_resnet):
-    model, variables, images, targets = tiny_resnet
+    model, variables, images, _ = tiny_resnet
     rows = F.evaluate_methods(  # same image batch as above, so the compiled Grad-CAM is reused
-        model, variables, images, targets, methods=("gradcam",), key=key(0),
+        model, variables, images, None, methods=("gradcam",), key=key(0),
         steps=4, percentages=(0.3, 0.6), road_iters=20, batch_size=8, sanity_images=8, step_batch=5,
     )
-    assert [r["method"] for r in rows] == ["gradcam", "random", "gaussian"]
+    assert [r["method"] for r in rows] == ["gradcam", "random", "gaussian"]  # targets None: the predicted classes
     for row in rows:
         for column in ("deletion_auc", "insertion_auc", "road_morf", "road_lerf", "average_drop", "increase_confidence"):
             assert np.isfinite(row[column]), (row["method"], column)
