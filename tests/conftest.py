@@ -49,3 +49,18 @@ def run_module(*args, timeout=600, env=None):
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
     )
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(cifar_archive, tmp_path_factory):
+    """A workdir trained by experiments/smoke.py on the real archive (with its report)."""
+    from cifar_jax import train
+
+    os.chdir(ROOT)
+    workdir = tmp_path_factory.mktemp("smoke") / "run"
+    rc = train.main([
+        "--config", "experiments/smoke.py", "--workdir", str(workdir),
+        f"--config.data.path={cifar_archive}", "--config.log.progress_bar=false",
+    ])
+    assert rc == 0
+    return workdir

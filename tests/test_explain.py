@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_jax import explain
+
+
+def run(capsys, *args):
+    rc = explain.main(list(map(str, args)))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_default_explains_the_worst_misclassified_test_images(smoke_workdir, tmp_path, capsys):
+    rc, out, err = run(capsys, "--workdir", smoke_workdir, "--num", 6, "--out", tmp_path)
+    assert rc == 0, err
+    assert (tmp_path / "gradcam.png").stat().st_size > 10_000
+    assert (tmp_path / "misclassified.png").exists()
+    overlays = sorted((tmp_path / "overlays").glob("*.png"))
+    assert len(overlays) == 6
+    assert Image.open(overlays[0]).size == (128, 128)
+    assert "_true-" in overlays[0].name and "_pred-" in overlays[0].name
+    assert "Explained 6 misclassified test images with Grad-CAM at layer4" in out
+
+
+def test_misclassified_are_sorted_by_loss(smoke_workdir):
+    from cifar_jax.checkpoints import load_trained
+    from cifar_jax.data import load_dataset
+
+    trained = load_trained(smoke_workdir)
+    ds = load_dataset(trained.config.data)
+    idx = explain.misclassified_by_loss(trained, ds.test_images, ds.test_labels)
+    probs = np.asarray(__import__("jax").nn.softmax(trained.logits(ds.test_images[idx])))
+    assert np.all(probs.argmax(-1) != ds.test_labels[idx])
+    true_p = probs[np.arange(len(idx)), ds.test_labels[idx]]
+    assert np.all(np.diff(true_p) >= -1e-6)  # highest loss = lowest true-class probability first
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "scorecam", "guided-gradcam"])
+def test_other_methods_layers_and_targets(smoke_workdir, tmp_path, capsys, method):
+    rc, _, err = run(capsys, "--workdir", smoke_workdir, "--num", 3, "--out", tmp_path, "--method", method,
+                     "--layer", "layer3", "--target", "cat")
+    assert rc == 0, err
+    assert (tmp_path / f"{method}.png").exists()
+
+
+def write_user_images(d):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(d / "photo.jpg")
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(d / "gray.png")
+    Image.new("RGBA", (64, 48), (200, 10, 10, 128)).save(d / "rgba.png")
+    Image.new("P", (32, 32), 3).save(d / "palette.gif")
+
+
+def test_user_images_of_any_size_and_mode(smoke_workdir, tmp_path, capsys):
+    write_user_images(tmp_path)
+    names = ["photo.jpg", "gray.png", "rgba.png", "palette.gif"]
+    out_dir = tmp_path / "out"
+    rc, out, err = run(capsys, "--workdir", smoke_workdir, "--out", out_dir, "--images", *[tmp_path / n for n in names])
+    assert rc == 0, err
+    assert Image.open(out_dir / "photo_gradcam.png").size == (120, 90)  # overlay at the original resolution
+    assert Image.open(out_dir / "rgba_gradcam.png").size == (64, 48)
+    assert Image.open(out_dir / "gray_gradcam_32px.png").size == (128, 128)
+    lines = out.strip().splitlines()
+    assert len(lines) == 4
+    for line in lines:  # top-3 classes with probabilities
+        ranking = line.split(": ", 1)[1].split(" | ")[0].split(", ")
+        probs = [float(item.rsplit(" ", 1)[1]) for item in ranking]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_bad_inputs_fail_one_line_each_and_valid_ones_still_run(smoke_workdir, tmp_path, capsys):
+    write_user_images(tmp_path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    good = (tmp_path / "photo.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "folder").mkdir()
+    out_dir = tmp_path / "out"
+    bad = ["missing.png", "empty.png", "notes.jpg", "cut.jpg", "folder"]
+    rc, out, err = run(capsys, "--workdir", smoke_workdir, "--out", out_dir,
+                       "--images", tmp_path / "photo.jpg", *[tmp_path / b for b in bad], tmp_path / "gray.png")
+    assert rc == 1
+    errors = err.strip().splitlines()
+    assert len(errors) == len(bad) + 1 and "Traceback" not in err
+    for name, line in zip(bad, errors):
+        assert line.startswith("error: ") and name in line
+    assert "no such file" in errors[0] and "empty file" in errors[1] and "not an image" in errors[2]
+    assert "cannot decode" in errors[3] and "is a directory" in errors[4]
+    assert errors[-1] == f"error: {len(bad)} of {len(bad) + 2} images could not be explained"
+    assert (out_dir / "photo_gradcam.png").exists() and (out_dir / "gray_gradcam.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--target", "unicorn"], 2, "unknown class 'unicorn'"),
+        (["--layer", "layer9"], 2, "unknown layer 'layer9'"),
+        (["--step", "12345"], 1, "no checkpoint at step 12345"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(smoke_workdir, tmp_path, capsys, args, code, message):
+    rc, _, err = run(capsys, "--workdir", smoke_workdir, "--out", tmp_path, *args)
+    assert rc == code
+    assert err.strip().count("\n") == 0 and message in err
+
+
+def test_workdir_without_checkpoints(tmp_path, capsys):
+    rc, _, err = run(capsys, "--workdir", tmp_path)
+    assert rc == 1 and "has no checkpoints" in err and err.strip().count("\n") == 0

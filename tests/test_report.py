@@ -1,0 +1,37 @@
+import json
+
+from PIL import Image
+
+from cifar_jax.report import REPORT_FILES, main
+
+
+def test_training_writes_a_complete_report(smoke_workdir):
+    for name in (*REPORT_FILES, "REPORT.md", "metrics.jsonl"):
+        assert (smoke_workdir / name).exists(), name
+    for name in ("curves.png", "confusion_matrix.png", "misclassified.png", "gradcam.png"):
+        image = Image.open(smoke_workdir / name)
+        assert image.size[0] >= 600 and (smoke_workdir / name).stat().st_size < 300_000, name
+    text = (smoke_workdir / "REPORT.md").read_text()
+    history = [json.loads(l) for l in (smoke_workdir / "metrics.jsonl").read_text().splitlines()]
+    best = max(r["test_accuracy"] for r in history)
+    assert f"**{100 * best:.2f}%**" in text
+    for part in ("## Curves", "## Per-class results", "| airplane |", "confusion_matrix.png", "misclassified.png",
+                 "gradcam.png", "## Per epoch", "## Environment", "- jax: ", "- flax: ", "## Config", "s per epoch"):
+        assert part in text, part
+    reports = (smoke_workdir / "classification_reports.md").read_text()
+    assert reports.count("## Epoch") == len(history) and "| truck |" in reports
+
+
+def test_report_cli_rebuilds_on_demand(smoke_workdir, capsys):
+    (smoke_workdir / "REPORT.md").unlink()
+    (smoke_workdir / "curves.png").unlink()
+    assert main(["--workdir", str(smoke_workdir), "--num", "5"]) == 0
+    assert (smoke_workdir / "REPORT.md").exists() and (smoke_workdir / "curves.png").exists()
+    assert "Report written to" in capsys.readouterr().out
+
+
+def test_report_of_an_empty_workdir_is_a_one_line_error(tmp_path, capsys):
+    assert main(["--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    assert not (tmp_path / "REPORT.md").exists()
