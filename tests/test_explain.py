@@ -108,3 +108,15 @@ def test_bad_arguments_are_one_line_errors(smoke_workdir, tmp_path, capsys, args
 def test_workdir_without_checkpoints(tmp_path, capsys):
     rc, _, err = run(capsys, "--workdir", tmp_path)
     assert rc == 1 and "has no checkpoints" in err and err.strip().count("\n") == 0
+
+
+def test_evaluate_writes_a_faithfulness_table(smoke_workdir, tmp_path, capsys):
+    rc, out, err = run(capsys, "--workdir", smoke_workdir, "--out", tmp_path, "--evaluate", "--eval-images", 8,
+                       "--methods", "gradcam", "layercam")
+    assert rc == 0, err
+    table = (tmp_path / "faithfulness.md").read_text()
+    for name in ("| gradcam |", "| layercam |", "| random |", "| gaussian |", "deletion_auc", "road_morf", "sanity_spearman"):
+        assert name in table, name
+    assert "cascading randomisation" in out and "head+layer4" in table
+    record = __import__("json").loads((tmp_path / "faithfulness.json").read_text())
+    assert record["num_images"] == 8 and len(record["rows"]) == 4 and record["cascade"][0]["spearman"] > 0.99
