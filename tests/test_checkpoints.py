@@ -170,3 +170,10 @@ def test_nothing_is_loaded_with_pickle():
     sources = "\n".join(p.read_text() for p in (ROOT / "cifar_jax").rglob("*.py"))
     assert "allow_pickle=True" not in sources
     assert "import pickle" not in sources and "cloudpickle" not in sources
+
+
+def test_tensorboard_scalars_on_request(cifar_archive, tmp_path):
+    pytest.importorskip("tensorboardX")
+    assert run(tmp_path, cifar_archive, epochs=1, **{"log.tensorboard": True}) == 0
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and b"test_accuracy" in events[0].read_bytes()
