@@ -176,6 +176,8 @@ def build_report(workdir, data_path: str | None = None, num_images: int = 20, st
         for r in history
     )
     config_lines = json.dumps(config.to_dict(), indent=1, sort_keys=True)
+    ls = config.optim.label_smoothing
+    smoothing_note = f" (the train loss is against labels smoothed by {ls:g}, so it sits above the test loss)" if ls else ""
     data_desc = (
         f"image folder `{Path(config.data.path).name}`" if config.data.source == "folder" else f"tfds `{config.data.name}`"
     )
@@ -216,7 +218,7 @@ The {len(worst)} misclassified test images with the highest loss, and Grad-CAM a
 |---:|---:|---:|---:|---:|---:|---:|
 {times}
 
-Train accuracy is measured on augmented batches during the epoch. Per-epoch classification reports:
+Train loss and accuracy are running means over the augmented batches of the epoch{smoothing_note}. Per-epoch classification reports:
 [classification_reports.md](classification_reports.md). Model summary: [model_summary.txt](model_summary.txt).
 
 ## Environment
