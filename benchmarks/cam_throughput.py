@@ -60,7 +60,7 @@ def main():
     if args.quick:
         args.n, args.width, args.repeats = 8, 4, 2
     config = load_config(ROOT / "experiments" / "resnet18_cpu.py")
-    config.data.path, config.data.max_train = str(ROOT / config.data.path), 1
+    config.data.path = str(ROOT / config.data.path)
     dataset = load_dataset(config.data)
     if args.workdir:
         from cifar_jax.checkpoints import load_trained
@@ -73,7 +73,8 @@ def main():
         model = train_lib.build_model(config, dataset.num_classes)
         variables = train_lib.init_variables(model, jax.random.key(0))
         mean, std = dataset.channel_stats()
-    images = np.asarray(normalize(dataset.test_images[: args.n], mean, std))  # (N, 32, 32, 3) float32 on the host.
+    pick = np.linspace(0, len(dataset.test_labels) - 1, args.n).astype(int)  # Spread over the class-sorted test set.
+    images = np.asarray(normalize(dataset.test_images[pick], mean, std))  # (N, 32, 32, 3) float32 on the host.
     n = len(images)
 
     def batched():

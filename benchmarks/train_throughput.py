@@ -23,8 +23,12 @@ CONFIGS = {"cpu": ("resnet18_cpu.py", 16, 256, 10), "full": ("resnet18.py", 64, 
 QUICK = {"cpu": ("resnet18_cpu.py", 4, 16, 2), "full": ("resnet18.py", 8, 8, 2)}
 
 
-def jax_images_per_s(config, batch, steps, repeats, k=1):
-    """(images/s, compile s, parameter count) of the real train step; k > 1 runs k steps per call (lax.scan)."""
+def jax_images_per_s(config, batch, steps, repeats, k=1, devices=1):
+    """(images/s, compile s, parameter count) of the real train step; k > 1 runs k steps per call (lax.scan).
+
+    devices > 1 shards the batch over that many host "devices"
+    (XLA_FLAGS=--xla_force_host_platform_device_count=N, all backed by one thread pool).
+    """
     import time
 
     import jax
@@ -32,7 +36,7 @@ def jax_images_per_s(config, batch, steps, repeats, k=1):
     from cifar_jax import train_lib
 
     model = train_lib.build_model(config, 10)
-    mesh = train_lib.make_mesh(jax.devices()[:1])
+    mesh = train_lib.make_mesh(jax.devices()[:devices])
     state = train_lib.create_sharded_state(model, train_lib.make_optimizer(config.optim, 10_000), 0, mesh)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     aug = dict(crop_padding=config.augment.crop_padding, pad_mode=config.augment.pad_mode,
@@ -95,7 +99,9 @@ def main():
     p.add_argument("--configs", default="cpu,full", help="comma-separated: cpu (width 16, batch 256), full (width 64, batch 64)")
     p.add_argument("--steps-per-dispatch", type=int, default=1, help="JAX steps per compiled call (lax.scan)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--devices", type=int, default=1, help="host devices to shard the JAX batch over (see jax_images_per_s)")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--no-augment", action="store_true", help="JAX step without crop/flip/cutout, like the PyTorch reference")
     p.add_argument("--dtype", default="float32", help="JAX model.dtype (float32 or bfloat16)")
     args = p.parse_args()
     busy = warn_if_busy(args)
@@ -112,11 +118,14 @@ def main():
         file, width, batch, steps = (QUICK if args.quick else CONFIGS)[name]
         config = load_config(ROOT / "experiments" / file)
         config.model.width, config.model.dtype = width, args.dtype
+        if args.no_augment:
+            config.augment.crop_padding, config.augment.flip, config.augment.cutout = 0, False, 0
         k = args.steps_per_dispatch
         steps = max(steps, k)
         print(f"[{name}] JAX width {width}, batch {batch}, {steps} steps x {repeats} repeats ...", flush=True)
-        jax_ips, compile_s, n_params = jax_images_per_s(config, batch, steps, repeats, k)
-        row = dict(config=name, width=width, batch=batch, params=n_params, impl=f"jax (k={k}, {args.dtype})",
+        jax_ips, compile_s, n_params = jax_images_per_s(config, batch, steps, repeats, k, args.devices)
+        label = [f"k={k}", args.dtype] + [f"{args.devices} devices"] * (args.devices > 1) + ["no aug"] * args.no_augment
+        row = dict(config=name, width=width, batch=batch, params=n_params, impl=f"jax ({', '.join(label)})",
                    images_per_s=jax_ips, step_ms=1000 * batch / jax_ips, compile_s=compile_s)
         rows.append(row)
         if torch is None or args.skip_torch:
