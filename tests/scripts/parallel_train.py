@@ -8,6 +8,9 @@ Every process feeds its own rows of each global batch, as the trainer does.
 import argparse
 import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # The repo root: works with or without `pip install -e .`.
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
