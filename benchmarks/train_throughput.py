@@ -26,6 +26,8 @@ QUICK = {"cpu": ("resnet18_cpu.py", 4, 16, 2), "full": ("resnet18.py", 8, 8, 2)}
 def jax_images_per_s(config, batch, steps, repeats, k=1, devices=1):
     """(images/s, compile s, parameter count) of the real train step; k > 1 runs k steps per call (lax.scan).
 
+    compile s is the first call's time minus one steady call's (tracing, lowering and XLA compilation).
+
     devices > 1 shards the batch over that many host "devices"
     (XLA_FLAGS=--xla_force_host_platform_device_count=N, all backed by one thread pool).
     """
@@ -63,6 +65,7 @@ def jax_images_per_s(config, batch, steps, repeats, k=1, devices=1):
     run(2)  # Warm-up.
     calls = max(1, steps // k)
     median, _ = timed(lambda: run(calls), repeats)
+    compile_s -= median / calls  # The first call also ran one call's worth of steps: leave just the compilation.
     return calls * k * batch / median, compile_s, n_params
 
 
@@ -103,6 +106,8 @@ def main():
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--no-augment", action="store_true", help="JAX step without crop/flip/cutout, like the PyTorch reference")
     p.add_argument("--dtype", default="float32", help="JAX model.dtype (float32 or bfloat16)")
+    p.add_argument("--batch", type=int, help="override the batch of every config (e.g. 512 for the full recipe's)")
+    p.add_argument("--steps", type=int, help="override the timed steps per repeat")
     args = p.parse_args()
     busy = warn_if_busy(args)
     repeats = 2 if args.quick else args.repeats
@@ -116,6 +121,7 @@ def main():
     rows, ratios = [], {}
     for name in args.configs.split(","):
         file, width, batch, steps = (QUICK if args.quick else CONFIGS)[name]
+        batch, steps = args.batch or batch, args.steps or steps
         config = load_config(ROOT / "experiments" / file)
         config.model.width, config.model.dtype = width, args.dtype
         if args.no_augment:

@@ -116,6 +116,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         (config.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0"),
         (config.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {config.checkpoint.keep}"),
         (config.steps_per_dispatch >= 1, f"steps_per_dispatch must be >= 1, got {config.steps_per_dispatch}"),
+        (config.cpu_devices >= 0, f"cpu_devices must be >= 0, got {config.cpu_devices}"),
     ]
     from cifar_jax.models import MODELS
 
@@ -133,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 512
     c.eval_batch_size = 1000
     c.steps_per_dispatch = 1  # Train steps fused into one compiled call with lax.scan.
+    # CPU only: split the host into this many JAX devices, so XLA runs the data-parallel shards
+    # side by side (2 on 2 cores: 1.27x images/s, docs/benchmarks.md); 0 keeps JAX's default (1).
+    c.cpu_devices = 0
     c.fresh = False  # True: ignore (and replace) checkpoints already in the workdir.
     c.eval_flip = False  # Test-time augmentation: average logits of the image and its mirror.
 

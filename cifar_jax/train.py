@@ -87,8 +87,11 @@ def main(argv=None) -> int:
     quiet_library_logs()
     try:
         config = apply_overrides(load_config(args.config), overrides)
-        maybe_initialize_distributed(config)
         import jax
+
+        if config.cpu_devices > 0:  # Must precede anything that starts a JAX backend.
+            jax.config.update("jax_num_cpu_devices", config.cpu_devices)
+        maybe_initialize_distributed(config)
 
         validate(config, jax.device_count())
         enable_compilation_cache()

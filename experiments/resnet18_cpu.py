@@ -1,8 +1,8 @@
 """A narrow ResNet18 (width 16) that 2 CPU cores train on the JPEG CIFAR-10 copy in under an hour.
 
 Same architecture as the original with a quarter of the channels (16-32-64-128),
-batch 256, 13 epochs, one-cycle Nesterov SGD, crop + flip (no cutout), label
-smoothing 0.1 and test-time flip averaging. Run from the project root:
+batch 256 split over two CPU devices, 13 epochs, one-cycle Nesterov SGD, crop + flip
+(no cutout), label smoothing 0.1 and test-time flip averaging. Run from the project root:
 
     python -m cifar_jax.train --config experiments/resnet18_cpu.py --workdir runs/resnet18_cpu
 """
@@ -26,4 +26,6 @@ def get_config():
     # No cutout: 12 epochs with cutout 8 underfit (train 84.2% < test 84.9%) and ended at 84.89%.
     config.augment.cutout = 0
     config.eval_flip = True
+    # Two CPU devices, one per core: XLA runs the two halves of each batch side by side (1.27x images/s).
+    config.cpu_devices = 2
     return config

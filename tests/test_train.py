@@ -148,3 +148,21 @@ def test_smoke_config_end_to_end(cifar_archive, tmp_path):
     assert "precision    recall  f1-score" in result.stdout  # sklearn's report, per epoch
     assert "Total Parameters" in (workdir / "model_summary.txt").read_text()
     assert records[-1]["step"] == 2 * (512 // 64)
+
+
+def test_cpu_devices_splits_the_host_and_matches_one_device(cifar_archive, tmp_path):
+    """--config.cpu_devices=2 trains data-parallel over 2 CPU devices; an epoch matches 1 device's."""
+    common = ["--config", "experiments/smoke.py", f"--config.data.path={cifar_archive}", "--config.log.progress_bar=false",
+              "--config.epochs=1", "--config.optim.lr=0.01"]  # A small lr keeps float differences from growing.
+    runs = {}
+    for devices in (1, 2):
+        workdir = tmp_path / f"d{devices}"
+        result = run_module("cifar_jax.train", *common, "--workdir", str(workdir), f"--config.cpu_devices={devices}",
+                            f"--config.log.report={devices == 2}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[devices] = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "devices: 2 x cpu" in (tmp_path / "d2" / "REPORT.md").read_text()
+    assert runs[2]["step"] == runs[1]["step"] == 512 // 64
+    # Same maths in another reduction order: equal to float tolerance, not bitwise.
+    np.testing.assert_allclose(runs[2]["train_loss"], runs[1]["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(runs[2]["test_loss"], runs[1]["test_loss"], rtol=1e-3)
