@@ -28,8 +28,8 @@ def jax_images_per_s(config, batch, steps, repeats, k=1, devices=1):
 
     compile s is the first call's time minus one steady call's (tracing, lowering and XLA compilation).
 
-    devices > 1 shards the batch over that many host "devices"
-    (XLA_FLAGS=--xla_force_host_platform_device_count=N, all backed by one thread pool).
+    devices > 1 shards the batch over that many CPU devices (main() splits the CPU into them,
+    as ``--config.cpu_devices`` does in the training CLI).
     """
     import time
 
@@ -102,7 +102,7 @@ def main():
     p.add_argument("--configs", default="cpu,full", help="comma-separated: cpu (width 16, batch 256), full (width 64, batch 64)")
     p.add_argument("--steps-per-dispatch", type=int, default=1, help="JAX steps per compiled call (lax.scan)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--devices", type=int, default=1, help="host devices to shard the JAX batch over (see jax_images_per_s)")
+    p.add_argument("--devices", type=int, default=1, help="CPU devices to shard the JAX batch over (as config.cpu_devices)")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--no-augment", action="store_true", help="JAX step without crop/flip/cutout, like the PyTorch reference")
     p.add_argument("--dtype", default="float32", help="JAX model.dtype (float32 or bfloat16)")
@@ -110,6 +110,10 @@ def main():
     p.add_argument("--steps", type=int, help="override the timed steps per repeat")
     args = p.parse_args()
     busy = warn_if_busy(args)
+    if args.devices > 1:  # Before the first JAX backend call, like cifar_jax.train.main.
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.devices)
     repeats = 2 if args.quick else args.repeats
     try:
         import torch  # noqa: F401

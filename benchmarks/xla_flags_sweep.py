@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "baseline": ("", []),
     "steps_per_dispatch=4": ("", ["--steps-per-dispatch", "4"]),
-    "2 host devices (data parallel)": ("--xla_force_host_platform_device_count=2", ["--devices", "2"]),
+    "2 host devices (data parallel)": ("", ["--devices", "2"]),
     "bfloat16 compute": ("", ["--dtype", "bfloat16"]),
     "no augmentation (as the PyTorch reference)": ("", ["--no-augment"]),
     "ynn: individual_convolution,individual_dot": ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot", []),
