@@ -59,7 +59,6 @@ def resolve_target(target: str | None, class_names) -> int | None:
 def explain_maps(trained, images_uint8, target, *, method, layer, aug_smooth=False, eigen_smooth=False):
     """CAM maps (N, H, W) in [0, 1], targets (N,) and probabilities (N, C) for uint8 images at model size."""
     import jax
-    import jax.numpy as jnp
 
     from cifar_jax.augment import normalize
     from cifar_jax.cam import compute_cams, guided_backprop, guided_grad_cam
