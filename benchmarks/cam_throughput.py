@@ -63,7 +63,7 @@ def main():
     config.data.path = str(ROOT / config.data.path)
     dataset = load_dataset(config.data)
     if args.workdir:
-        from cifar_jax.checkpoints import load_trained
+        from cifar_jax.inference import load_trained
 
         trained = load_trained(args.workdir)
         model, variables, mean, std = trained.model, trained.variables, trained.mean, trained.std

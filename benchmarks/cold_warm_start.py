@@ -3,7 +3,7 @@
     python benchmarks/cold_warm_start.py [--quick] [--repeats 3] [--out r.json]
 
 Each run is a new Python process (this file with --child) that imports JAX,
-calls cifar_jax.train.enable_compilation_cache() exactly as the CLI does
+calls cifar_jax.runtime.enable_compilation_cache() exactly as the CLI does
 (CIFAR_JAX_NO_COMPILE_CACHE=1 turns it off, CIFAR_JAX_CACHE=DIR points it at a
 temporary folder), builds the sharded state and runs one train step of the CPU
 config (width 16, batch 256). The parent times launch -> first step done.
@@ -32,7 +32,7 @@ def child(quick: bool) -> None:
 
     from cifar_jax import train_lib
     from cifar_jax.config import load_config
-    from cifar_jax.train import enable_compilation_cache
+    from cifar_jax.runtime import enable_compilation_cache
 
     enable_compilation_cache()
     t_import = time.perf_counter()

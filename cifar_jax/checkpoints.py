@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, and ``load_trained`` for explain and report.
+"""Orbax checkpoints of a training run (saving, restoring, choosing a step); nothing else.
 
 A workdir holds ``checkpoints/<step>/`` with two items: ``state`` (params,
 batch_stats, opt_state, step, PRNG key data; arrays via tensorstore, no
@@ -10,23 +10,20 @@ checkpoint that loads as valid.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from cifar_jax.errors import UserError
 
 # Fields that decide the shapes of a checkpoint; a mismatch is an "incompatible workdir".
 SHAPE_FIELDS = (("model", "name"), ("model", "width"), ("data", "image_size"))
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A workdir whose checkpoints cannot be used as asked (one-line message)."""
 
 
@@ -127,80 +124,41 @@ def describe_mismatch(saved_config: dict, config, num_classes: int, saved_num_cl
     return ", ".join(diffs) or None
 
 
-@dataclasses.dataclass
-class TrainedModel:
-    """A trained model ready to apply: ``model.apply(variables, normalize(images, mean, std))``."""
+def restore_variables(manager, step: int, abstract: dict) -> dict:
+    """Restores only ``{"params", "batch_stats"}`` of a step onto the first local device.
 
-    model: Any
-    variables: dict  # {"params", "batch_stats"}
-    config: ml_collections.ConfigDict
-    class_names: tuple[str, ...]
-    mean: np.ndarray  # (3,)
-    std: np.ndarray  # (3,)
-    step: int
-    history: list
-
-    def logits(self, images_uint8):
-        """(N, H, W, 3) uint8 -> (N, classes) float32 logits in eval mode."""
-        from cifar_jax.augment import normalize
-
-        return self.model.apply(self.variables, normalize(images_uint8, self.mean, self.std), train=False)
-
-
-def load_trained(workdir, step: int | str = "best") -> TrainedModel:
-    """Loads variables, config and class names from a workdir.
-
-    Args:
-      workdir: a training workdir.
-      step: "best" (highest test accuracy), "latest", or an int step.
-
-    Raises CheckpointError with a one-line message if there is nothing to load.
+    ``abstract`` is a tree of ``jax.ShapeDtypeStruct`` (e.g. ``jax.eval_shape`` of ``model.init``).
     """
-    from cifar_jax.train_lib import build_model, init_variables
-
-    if not checkpoint_dir(workdir).is_dir():
-        raise CheckpointError(f"workdir {str(workdir)!r} has no checkpoints/ (train a model there first)")
-    manager = make_manager(workdir, read_only=True)
-    steps = manager.all_steps()
-    if not steps:
-        raise CheckpointError(f"workdir {str(workdir)!r} has no complete checkpoint")
-    if step == "best":
-        step = best_step(manager)
-    elif step == "latest":
-        step = steps[-1]
-    elif int(step) not in steps:
-        raise CheckpointError(f"no checkpoint at step {step} in {str(workdir)!r}; saved steps: {list(steps)}")
-    step = int(step)
-    meta = read_meta(manager, step)
-    config = ml_collections.ConfigDict(meta["config"])
-    class_names = tuple(meta["class_names"])
-    model = build_model(config, len(class_names))
-    abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), config.data.image_size))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with_sharding = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
-    restore_args = jax.tree.map(with_sharding, {"params": abstract["params"], "batch_stats": abstract["batch_stats"]})
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          {"params": abstract["params"], "batch_stats": abstract["batch_stats"]})
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
-                item=restore_args,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(restore_args),
-                partial_restore=True,
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
             )
         ),
     )["state"]
-    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-    manager.close()
-    return TrainedModel(
-        model=model,
-        variables=jax.tree.map(jnp.asarray, variables),
-        config=config,
-        class_names=class_names,
-        mean=np.asarray(meta["mean"], np.float32),
-        std=np.asarray(meta["std"], np.float32),
-        step=step,
-        history=meta.get("history", []),
-    )
+    return {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+
+
+def resolve_step(manager, workdir, step: int | str) -> int:
+    """"best" (highest test accuracy), "latest" or an int -> a saved step. Raises CheckpointError."""
+    steps = manager.all_steps()
+    if not steps:
+        raise CheckpointError(f"workdir {str(workdir)!r} has no complete checkpoint")
+    if step == "best":
+        return best_step(manager)
+    if step == "latest":
+        return steps[-1]
+    try:
+        step = int(step)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"step must be best, latest or a step number, not {step!r}") from None
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint at step {step} in {str(workdir)!r}; saved steps: {list(steps)}")
+    return step
 
 
 def write_json_atomic(path: Path, obj) -> None:

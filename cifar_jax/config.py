@@ -1,24 +1,36 @@
 """Config files (``get_config()`` -> ConfigDict), ``--config.a.b=value`` overrides, validation.
 
-Hand-written rather than absl's ``config_flags`` because that prints a
-traceback for an unknown field; here every mistake is a one-line ConfigError.
+``base_config()`` holds every field with its default and a comment; ``RULES`` declares
+what each field may hold, and ``validate`` checks all of them in one place before any
+compute. Hand-written rather than absl's ``config_flags`` because that prints a traceback
+for an unknown field; here every mistake is a one-line ConfigError.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
+import math
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import ml_collections
+
+from cifar_jax.errors import UserError
+from cifar_jax.models import MODELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_SOURCES = ("folder", "tfds")
+PAD_MODES = ("reflect", "constant", "edge", "symmetric")
 
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be used (one-line message)."""
+class ConfigError(UserError):
+    """A config file or override that cannot be used (one-line message, exit code 2)."""
+
+    exit_code = 2
 
 
 def load_config(path: str | Path) -> ml_collections.ConfigDict:
@@ -34,7 +46,10 @@ def load_config(path: str | Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {str(path)!r} failed to load: {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {str(path)!r} has no get_config()")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except Exception as e:
+        raise ConfigError(f"get_config() in {str(path)!r} failed: {type(e).__name__}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {str(path)!r} must return an ml_collections.ConfigDict")
     return config
@@ -54,10 +69,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         node = config
         for i, part in enumerate(parents):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ConfigError(f"unknown config field {'.'.join(parents[: i + 1])!r} in --config.{dotted}")
+                guess = _did_you_mean(dotted, flatten(config))
+                raise ConfigError(f"unknown config field {'.'.join(parents[: i + 1])!r} in --config.{dotted}{guess}")
             node = node[part]
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ConfigError(f"unknown config field {dotted!r}")
+            raise ConfigError(f"unknown config field {dotted!r}{_did_you_mean(dotted, flatten(config))}")
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
             raise ConfigError(f"config field {dotted!r} is a group; set one of its fields")
@@ -91,99 +107,216 @@ def _parse_like(raw: str, current, name: str):
         raise ConfigError(f"--config.{name}={raw!r}: expected a {type(current).__name__}") from None
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
-    """Checks values before any compute; raises ConfigError naming the first bad field."""
-    checks = [
-        (config.epochs > 0, f"epochs must be positive, got {config.epochs}"),
-        (config.batch_size > 0, f"batch_size must be positive, got {config.batch_size}"),
-        (
-            config.batch_size % device_count == 0,
-            f"batch_size {config.batch_size} is not divisible by the {device_count} devices",
-        ),
-        (config.eval_batch_size > 0, f"eval_batch_size must be positive, got {config.eval_batch_size}"),
-        (config.model.width > 0, f"model.width must be positive, got {config.model.width}"),
-        (config.model.dtype in DTYPES, f"unknown model.dtype {config.model.dtype!r}; choose one of {', '.join(DTYPES)}"),
-        (config.optim.name in OPTIMIZERS, f"unknown optim.name {config.optim.name!r}; choose one of {', '.join(OPTIMIZERS)}"),
-        (config.optim.schedule in SCHEDULES, f"unknown optim.schedule {config.optim.schedule!r}; choose one of {', '.join(SCHEDULES)}"),
-        (config.optim.lr > 0, f"optim.lr must be positive, got {config.optim.lr}"),
-        (0 <= config.optim.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {config.optim.label_smoothing}"),
-        (config.data.source in ("folder", "tfds"), f"unknown data.source {config.data.source!r}; choose 'folder' or 'tfds'"),
-        (config.data.source != "folder" or bool(config.data.path), "data.path is empty: give the image-folder tree or its .tar.gz"),
-        (
-            config.data.source != "folder" or Path(config.data.path).exists(),
-            f"data.path {config.data.path!r} does not exist",
-        ),
-        (config.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0"),
-        (config.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {config.checkpoint.keep}"),
-        (config.steps_per_dispatch >= 1, f"steps_per_dispatch must be >= 1, got {config.steps_per_dispatch}"),
-        (config.cpu_devices >= 0, f"cpu_devices must be >= 0, got {config.cpu_devices}"),
-    ]
-    from cifar_jax.models import MODELS
+class Rule:
+    """A declared constraint on one config field: ``ok(value)`` and a phrase for the error."""
 
-    checks.insert(0, (config.model.name.lower() in MODELS, f"unknown model.name {config.model.name!r}; choose one of {', '.join(sorted(MODELS))}"))
-    for ok, message in checks:
+    def __init__(self, ok: Callable[[Any], bool], phrase: str, choices: Sequence[str] = ()):
+        self.ok, self.phrase, self.choices = ok, phrase, tuple(choices)
+
+    def check(self, name: str, value) -> None:
+        """Raises ConfigError naming the field, the value and what is allowed."""
+        try:
+            good = self.ok(value)
+        except TypeError:
+            good = False
+        if good:
+            return
+        if self.choices:
+            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(self.choices)}")
+        raise ConfigError(f"{name} must be {self.phrase}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Rule:
+    """An int in [lo, hi] (either end open-ended when None)."""
+    phrase = "an integer" + (f" >= {lo}" if lo is not None and hi is None else "") + (
+        f" in [{lo}, {hi}]" if lo is not None and hi is not None else "")
+    return Rule(lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi), phrase)
+
+
+def real(lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False) -> Rule:
+    """A finite number in the interval, each end closed unless ``*_open`` (NaN and inf always refused)."""
+    def ok(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return False
+        return (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+
+    left = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+    right = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+    if lo is not None and hi is not None:
+        phrase = f"a finite number in {left}, {right}"
+    elif lo is not None:
+        phrase = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        phrase = "a finite number"
+    return Rule(ok, phrase)
+
+
+def choice(*options: str) -> Rule:
+    return Rule(lambda v: v in options, "one of " + ", ".join(options), options)
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), "True or False")
+TEXT = Rule(lambda v: isinstance(v, str), "a string")
+
+# Every field of base_config() and what it may hold; ``validate`` checks all of them.
+RULES: dict[str, Rule] = {
+    "seed": integer(0, 2**31 - 1),
+    "epochs": integer(1),
+    "batch_size": integer(1),
+    "eval_batch_size": integer(1),
+    "steps_per_dispatch": integer(1),
+    "cpu_devices": integer(0),
+    "fresh": BOOL,
+    "eval_flip": BOOL,
+    "model.name": choice(*MODELS),
+    "model.width": integer(1),
+    "model.dtype": choice(*DTYPES),
+    "model.zero_init_residual": BOOL,
+    "data.source": choice(*DATA_SOURCES),
+    "data.path": TEXT,
+    "data.name": TEXT,
+    "data.image_size": integer(8, 1024),
+    "data.cache": BOOL,
+    "data.max_train": integer(0),
+    "data.max_test": integer(0),
+    "augment.crop_padding": integer(0),
+    "augment.pad_mode": choice(*PAD_MODES),
+    "augment.flip": BOOL,
+    "augment.cutout": integer(0),
+    "optim.name": choice(*OPTIMIZERS),
+    "optim.lr": real(0, lo_open=True),
+    "optim.momentum": real(0, 1, hi_open=True),
+    "optim.nesterov": BOOL,
+    "optim.weight_decay": real(0),
+    "optim.schedule": choice(*SCHEDULES),
+    "optim.warmup_fraction": real(0, 1, lo_open=True, hi_open=True),
+    "optim.div_factor": real(0, lo_open=True),
+    "optim.final_div_factor": real(0, lo_open=True),
+    "optim.label_smoothing": real(0, 1, hi_open=True),
+    "checkpoint.every_epochs": integer(0),
+    "checkpoint.keep": integer(1),
+    "log.progress_bar": BOOL,
+    "log.tensorboard": BOOL,
+    "log.report": BOOL,
+    "distributed.coordinator_address": TEXT,
+    "distributed.num_processes": integer(1),
+    "distributed.process_id": integer(0),
+}
+
+
+def flatten(config, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a ConfigDict."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
+    """Checks every field against ``RULES`` and the fields against each other, before any compute.
+
+    Raises ConfigError naming the first bad field (or an unknown one, with "did you mean").
+    """
+    fields = flatten(config)
+    for name, value in fields.items():
+        if name not in RULES:
+            raise ConfigError(f"unknown config field {name!r}{_did_you_mean(name, RULES)}")
+        RULES[name].check(name, value)
+    missing = sorted(set(RULES) - set(fields))
+    if missing:
+        raise ConfigError(f"config is missing field(s) {', '.join(missing)}; start get_config() from base_config()")
+    c = config
+    cross = [
+        (c.batch_size % device_count == 0, f"batch_size {c.batch_size} is not divisible by the {device_count} devices"),
+        (c.distributed.process_id < c.distributed.num_processes,
+         f"distributed.process_id {c.distributed.process_id} must be < distributed.num_processes {c.distributed.num_processes}"),
+        (c.augment.pad_mode != "reflect" or c.augment.crop_padding < c.data.image_size,
+         f"augment.crop_padding {c.augment.crop_padding} must be < data.image_size {c.data.image_size} for reflect padding"),
+        (c.data.source != "folder" or bool(c.data.path), "data.path is empty: give the image-folder tree or its .tar.gz"),
+        (c.data.source != "folder" or Path(c.data.path).exists(), f"data.path {c.data.path!r} does not exist"),
+    ]
+    for ok, message in cross:
         if not ok:
             raise ConfigError(message)
 
 
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def describe_fields(config: ml_collections.ConfigDict | None = None) -> str:
+    """One line per field: ``name = default  (allowed values)``, for ``train --help``."""
+    fields = flatten(base_config() if config is None else config)
+    width = max(len(n) + len(repr(v)) for n, v in fields.items()) + 3
+    return "\n".join(f"  {f'{n} = {v!r}':<{width}} {RULES[n].phrase if n in RULES else ''}" for n, v in fields.items())
+
+
 def base_config() -> ml_collections.ConfigDict:
-    """Every field the trainer reads, with defaults; experiment files start from this."""
+    """Every field the trainer reads, with its default; experiment files start from this and set what differs."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.epochs = 20
-    c.batch_size = 512
-    c.eval_batch_size = 1000
-    c.steps_per_dispatch = 1  # Train steps fused into one compiled call with lax.scan.
+    c.seed = 0  # Initialisation, data order and augmentation are pure functions of it: same seed, same run.
+    c.epochs = 20  # Passes over the training set.
+    c.batch_size = 512  # Global batch, summed over devices and hosts; must divide by the device count.
+    c.eval_batch_size = 1000  # Test-set batch; memory only, results do not depend on it.
+    c.steps_per_dispatch = 1  # Train steps fused into one compiled call with lax.scan (slow on XLA:CPU).
     # CPU only: split the host into this many JAX devices, so XLA runs the data-parallel shards
     # side by side (2 on 2 cores: 1.27x images/s, docs/benchmarks.md); 0 keeps JAX's default (1).
     c.cpu_devices = 0
-    c.fresh = False  # True: ignore (and replace) checkpoints already in the workdir.
-    c.eval_flip = False  # Test-time augmentation: average logits of the image and its mirror.
+    c.fresh = False  # True: delete the checkpoints already in the workdir and start over.
+    c.eval_flip = False  # Test-time augmentation: average the logits of the image and its mirror.
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet18"
-    c.model.width = 64
-    c.model.dtype = "float32"
-    c.model.zero_init_residual = False
+    c.model.name = "resnet18"  # A key of cifar_jax.models.MODELS.
+    c.model.width = 64  # Channels of the stem and first stage (64 = the original, 11,173,962 parameters).
+    c.model.dtype = "float32"  # Compute dtype; parameters and logits stay float32.
+    c.model.zero_init_residual = False  # Start each block's last BatchNorm scale at 0 (the block begins as identity).
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "folder"
-    c.data.path = "../shared/data/cifar10-jpg.tar.gz"
-    c.data.name = "cifar10"
-    c.data.image_size = 32
-    c.data.cache = True
-    c.data.max_train = 0  # 0 = all images; otherwise a class-balanced subset.
-    c.data.max_test = 0
+    c.data.source = "folder"  # "folder": image tree or its .tar(.gz); "tfds": a prepared tensorflow-datasets copy.
+    c.data.path = "../shared/data/cifar10-jpg.tar.gz"  # Folder/archive for "folder"; data_dir for "tfds".
+    c.data.name = "cifar10"  # tfds dataset name.
+    c.data.image_size = 32  # Images are resized to this square size when decoded.
+    c.data.cache = True  # Keep decoded arrays in the cache dir (~/.cache/cifar_jax) for fast restarts.
+    c.data.max_train = 0  # 0 = all images; otherwise a class-balanced subset (tests, quick looks).
+    c.data.max_test = 0  # Likewise for the test set.
 
     c.augment = ml_collections.ConfigDict()
-    c.augment.crop_padding = 4
-    c.augment.pad_mode = "reflect"
-    c.augment.flip = True
-    c.augment.cutout = 16
+    c.augment.crop_padding = 4  # Random crop after padding by this many pixels; 0 = no crop.
+    c.augment.pad_mode = "reflect"  # How the crop pads: reflect, constant (zeros), edge, symmetric.
+    c.augment.flip = True  # Random left-right mirror.
+    c.augment.cutout = 16  # Side of the zeroed square (DeVries & Taylor 2017); 0 = off.
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "sgd"
+    c.optim.name = "sgd"  # sgd (coupled L2 decay as in PyTorch), adam (L2) or adamw (decoupled).
     c.optim.lr = 0.1  # Peak learning rate of the schedule.
-    c.optim.momentum = 0.9
-    c.optim.nesterov = True
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "onecycle"
-    c.optim.warmup_fraction = 0.25
-    c.optim.div_factor = 25.0
-    c.optim.final_div_factor = 1e4
-    c.optim.label_smoothing = 0.0
+    c.optim.momentum = 0.9  # SGD momentum; 0 = plain SGD.
+    c.optim.nesterov = True  # Nesterov momentum (SGD only).
+    c.optim.weight_decay = 5e-4  # L2 penalty (coupled for sgd/adam, decoupled for adamw).
+    c.optim.schedule = "onecycle"  # onecycle (cosine up, then down), cosine (decay only) or constant.
+    c.optim.warmup_fraction = 0.25  # One-cycle: fraction of the steps spent rising to the peak.
+    c.optim.div_factor = 25.0  # One-cycle: the first lr is lr / div_factor.
+    c.optim.final_div_factor = 1e4  # One-cycle: the last lr is lr / div_factor / final_div_factor.
+    c.optim.label_smoothing = 0.0  # Mass spread uniformly over all classes in the training targets.
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_epochs = 1
-    c.checkpoint.keep = 2
+    c.checkpoint.every_epochs = 1  # Save every N epochs (and always at the end and on SIGINT/SIGTERM); 0 = end only.
+    c.checkpoint.keep = 2  # Most recent checkpoints kept, plus the best by test accuracy.
 
     c.log = ml_collections.ConfigDict()
-    c.log.progress_bar = True
-    c.log.tensorboard = False
+    c.log.progress_bar = True  # tqdm bar per epoch.
+    c.log.tensorboard = False  # Also write scalars for TensorBoard (needs tensorboardX).
     c.log.report = True  # Build REPORT.md and plots at the end of training.
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator_address = ""  # e.g. "10.0.0.1:1234"; empty = single process.
-    c.distributed.num_processes = 1
-    c.distributed.process_id = 0
+    c.distributed.num_processes = 1  # Hosts in the job.
+    c.distributed.process_id = 0  # This host's index, 0..num_processes-1.
     return c

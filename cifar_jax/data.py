@@ -18,11 +18,14 @@ from typing import Iterable
 
 import numpy as np
 
+from cifar_jax.errors import UserError
+from cifar_jax.runtime import default_cache_dir
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 SPLITS = ("train", "test")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Raised for a missing, empty or malformed data source (a one-line message)."""
 
 
@@ -53,14 +56,6 @@ class Dataset:
         mean = total / count
         std = np.sqrt(np.maximum(total_sq / count - mean * mean, 1e-12))
         return mean.astype(np.float32), std.astype(np.float32)
-
-
-def default_cache_dir() -> Path:
-    """``$CIFAR_JAX_CACHE`` or ``$XDG_CACHE_HOME/cifar_jax`` (``~/.cache/cifar_jax``)."""
-    if os.environ.get("CIFAR_JAX_CACHE"):
-        return Path(os.environ["CIFAR_JAX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cifar_jax"
 
 
 def load_dataset(data_config) -> Dataset:

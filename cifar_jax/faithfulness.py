@@ -40,6 +40,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from cifar_jax import cam
+from cifar_jax.models import EvalLogits
 
 EPS = 1e-7
 LogitsFn = Callable[[jax.Array], jax.Array]  # (B, H, W, C) normalised images -> (B, classes) logits
@@ -64,18 +65,14 @@ DIRECTIONS = {
 # --------------------------------------------------------------------------- model, maps, ranks
 
 
-@functools.lru_cache(maxsize=16)
-def _eval_apply(model):
-    return lambda variables, images: model.apply(variables, images, train=False).astype(jnp.float32)
-
-
 def model_logits_fn(model, variables) -> LogitsFn:
-    """A ``logits_fn`` for a Flax model in eval mode: (B, H, W, C) -> (B, classes) float32.
+    """A ``logits_fn`` for a Flax model in eval mode (``models.eval_logits``): (B, H, W, C) -> (B, classes) float32.
 
     The variables are leaves of the returned ``Partial``, so jitted metrics take them as
-    arguments (not baked-in constants) and recompile only if the model changes.
+    arguments (not baked-in constants); the function is ``model.apply`` itself, so calls
+    with the same model reuse the compiled metrics.
     """
-    return Partial(_eval_apply(model), variables)
+    return Partial(EvalLogits(model.apply), variables)
 
 
 def _as_partial(logits_fn) -> Partial:
@@ -497,6 +494,8 @@ def evaluate_methods(
     std=None,
     batch_size: int = 100,
     sanity_images: int = 100,
+    logits_fn: LogitsFn | None = None,
+    progress: bool = False,
     **metric_kwargs,
 ) -> list[dict]:
     """One row per CAM method and per baseline ("random", "gaussian"), one column per metric.
@@ -509,6 +508,9 @@ def evaluate_methods(
       mean, std: (C,) normalisation, for average drop in pixel space (else normalised space).
       batch_size: images per compiled call.
       sanity_images: images for the sanity check (0 skips it; column then NaN).
+      logits_fn: the predictor the metrics perturb (default ``model_logits_fn(model, variables)``;
+        ``inference.TrainedModel.logits_fn`` adds flip averaging where the run used it).
+      progress: show a tqdm bar over batches.
       metric_kwargs: passed to ``image_metrics`` (steps, blur_sigma, percentages, noise, road_iters, step_batch).
 
     Returns:
@@ -517,13 +519,12 @@ def evaluate_methods(
       randomising every layer; 1.0 for the model-independent baselines) and the mean
       ROAD curves "road_morf_curve", "road_lerf_curve" (lists over percentages).
     """
+    from tqdm.auto import tqdm
+
     methods = DEFAULT_METHODS if methods is None else tuple(methods)
-    for m in methods:
-        if m not in cam.METHODS:
-            raise ValueError(f"unknown CAM method {m!r}; choose from {', '.join(cam.METHODS)}")
     key = jax.random.key(0) if key is None else key
     k_random, k_metric, k_sanity = jax.random.split(key, 3)
-    logits_fn = model_logits_fn(model, variables)
+    logits_fn = model_logits_fn(model, variables) if logits_fn is None else logits_fn
     images = jnp.asarray(images, jnp.float32)
     n = images.shape[0]
     if targets is None:
@@ -531,7 +532,7 @@ def evaluate_methods(
     targets = jnp.asarray(targets, jnp.int32)
     names = methods + BASELINES
     per_image = {name: [] for name in names}
-    for start in range(0, n, batch_size):
+    for start in tqdm(range(0, n, batch_size), desc="faithfulness", disable=not progress):
         x, t = images[start : start + batch_size], targets[start : start + batch_size]
         batch_key = jax.random.fold_in(k_metric, start)  # shared by all methods: common random numbers
         for name in names:
@@ -572,8 +573,9 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, dig
 
 
 def evaluate_trained(trained, images_uint8, labels, methods=None, seed: int = 0, layer: str = "layer4", *, use_predicted: bool = False, **kwargs) -> list[dict]:
-    """``evaluate_methods`` for a ``checkpoints.TrainedModel`` on (N, H, W, 3) uint8 images and (N,) labels.
+    """``evaluate_methods`` for an ``inference.TrainedModel`` on (N, H, W, 3) uint8 images and (N,) labels.
 
+    The metrics perturb THE predictor (``trained.logits_fn``, flip-averaged if the run used it).
     Explains the true labels (or the predictions with ``use_predicted``); average drop is
     taken in pixel space with the model's mean and std. ``kwargs`` go to ``evaluate_methods``.
     """
@@ -583,5 +585,32 @@ def evaluate_trained(trained, images_uint8, labels, methods=None, seed: int = 0,
     targets = None if use_predicted else jnp.asarray(labels, jnp.int32)
     return evaluate_methods(
         trained.model, trained.variables, images, targets, methods=methods, key=jax.random.key(seed),
-        layer=layer, mean=trained.mean, std=trained.std, **kwargs,
+        layer=layer, mean=trained.mean, std=trained.std, logits_fn=trained.logits_fn, **kwargs,
     )
+
+
+def trained_model_report(trained, images_uint8, labels, methods=None, seed: int = 0, layer: str = "layer4",
+                         progress: bool = False, sanity_images: int = 100) -> tuple[str, dict]:
+    """The faithfulness table of a trained model plus Grad-CAM's cascading randomisation.
+
+    Returns (markdown text, JSON-able record with the rows and the cascade).
+    """
+    from cifar_jax.augment import normalize
+
+    rows = evaluate_trained(trained, images_uint8, labels, methods=methods, seed=seed, layer=layer, progress=progress)
+    m = min(sanity_images, len(labels))
+    cascade = cascading_randomization(
+        trained.model, trained.variables, normalize(images_uint8[:m], trained.mean, trained.std),
+        labels[:m], jax.random.key(seed), method="gradcam", layer=layer,
+    )
+    cascade_table = "| layers randomised (top down) | Spearman vs trained |\n|---|---:|\n" + "\n".join(
+        f"| {r['randomized']} | {r['spearman']:.3f} |" for r in cascade
+    )
+    text = (
+        f"Faithfulness on {len(labels)} test images (class-balanced, true labels explained), "
+        f"layer {layer}, seed {seed}. Arrows: which way is better.\n\n"
+        + format_table(rows)
+        + f"\n\nGrad-CAM cascading randomisation sanity check on {m} images:\n\n" + cascade_table + "\n"
+    )
+    record = {"num_images": len(labels), "layer": layer, "seed": seed, "rows": rows, "cascade": cascade}
+    return text, record

@@ -4,14 +4,17 @@ Per epoch: a tqdm bar with running loss/accuracy, then test loss/accuracy and
 scikit-learn's per-class classification report; every figure is appended to
 ``DIR/metrics.jsonl``. Running the same command again resumes from the newest
 checkpoint in DIR; Ctrl-C (SIGINT) or SIGTERM saves the current step first.
+The compiled steps live in ``train_lib``; this file is the loop and the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
-import os
+import shutil
 import signal
 import sys
 import time
@@ -19,147 +22,177 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_jax.config import ConfigError, apply_overrides, load_config, validate
+from cifar_jax import runtime
+from cifar_jax.config import apply_overrides, describe_fields, load_config, validate
+from cifar_jax.errors import UserError
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError):
     """A run that cannot go on (one-line message, exit code 1)."""
 
 
-class Interrupted(Exception):
-    """Raised in the loop after SIGINT/SIGTERM once the state is saved."""
+class Interrupted(UserError):
+    """SIGINT/SIGTERM arrived and the state is saved: exit 128 + signal number."""
+
+    prefix = ""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+# --------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv):
-    """Splits ``--config.a.b=v`` overrides from the ordinary flags."""
+    """Splits ``--config.a.b=v`` overrides from the ordinary flags; returns (args, overrides)."""
     parser = argparse.ArgumentParser(
         prog="python -m cifar_jax.train",
         description="Train a CIFAR ResNet; any config field can be overridden as --config.FIELD=VALUE.",
+        epilog="config fields (defaults of cifar_jax.config.base_config; a config file changes some):\n" + describe_fields(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="config file with get_config(), e.g. experiments/resnet18.py")
-    parser.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, report")
-    overrides, rest = [], []
-    for arg in argv:
-        if arg.startswith("--config."):
-            overrides.append(arg[len("--config.") :])
-        else:
-            rest.append(arg)
-    args = parser.parse_args(rest)
+    parser.add_argument("--workdir", help="run directory: checkpoints, metrics.jsonl, report (required unless --print-config)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (file + overrides) and exit")
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    if not args.workdir and not args.print_config:
+        parser.error("--workdir is required")
     return args, overrides
 
 
-def enable_compilation_cache() -> None:
-    """Turns on JAX's persistent compilation cache in the user cache dir (``$CIFAR_JAX_CACHE/jax``)."""
-    import jax
-
-    from cifar_jax.data import default_cache_dir
-
-    if os.environ.get("CIFAR_JAX_NO_COMPILE_CACHE"):
-        return
-    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def quiet_library_logs() -> None:
-    """Hides orbax/absl INFO and WARNING chatter (e.g. about read-only managers) from the CLI output."""
-    import logging
-
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    logging.getLogger("absl").setLevel(logging.ERROR)
-
-
-def maybe_initialize_distributed(config) -> None:
-    """``jax.distributed.initialize`` from config.distributed, or from the environment if set there."""
-    import jax
-
-    d = config.distributed
-    if d.coordinator_address:
-        jax.distributed.initialize(d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id)
-    elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
-
-
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args, overrides = parse_args(argv)
-    quiet_library_logs()
-    try:
-        config = apply_overrides(load_config(args.config), overrides)
-        import jax
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    return runtime.run_cli(lambda: _run(args, overrides))
 
-        if config.cpu_devices > 0:  # Must precede anything that starts a JAX backend.
-            jax.config.update("jax_num_cpu_devices", config.cpu_devices)
-        maybe_initialize_distributed(config)
 
-        validate(config, jax.device_count())
-        enable_compilation_cache()
-        train_and_evaluate(config, args.workdir)
-    except (ConfigError, TrainError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return int(e.args[1]) if len(e.args) > 1 else 130
-    except Exception as e:  # Data and checkpoint problems carry one-line messages of their own.
-        from cifar_jax.checkpoints import CheckpointError
-        from cifar_jax.data import DataError
+def _run(args, overrides) -> int:
+    config = apply_overrides(load_config(args.config), overrides)
+    if args.print_config:
+        print(config.to_json_best_effort(indent=1, sort_keys=True))
+        return 0
+    workdir = Path(args.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise TrainError(f"--workdir {str(workdir)!r} is a file, not a directory")
+    import jax
 
-        if isinstance(e, (DataError, CheckpointError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
+    runtime.initialize_devices(config)  # Must precede anything that starts a JAX backend.
+    validate(config, jax.device_count())
+    runtime.enable_compilation_cache()
+    train_and_evaluate(config, workdir)
     return 0
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run is inside an epoch, with the running sums of that epoch's training metrics."""
+
+    epoch: int = 0  # 0-based epoch in progress
+    step_in_epoch: int = 0  # batches of it already done
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def add(self, metrics: dict, steps: int) -> None:
+        """Adds one dispatch's summed metrics ({"loss_sum", "correct", "count"}) covering ``steps`` batches."""
+        self.loss_sum += float(metrics["loss_sum"])
+        self.correct += int(metrics["correct"])
+        self.count += int(metrics["count"])
+        self.step_in_epoch += steps
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count
+
+
+@dataclasses.dataclass
+class Run:
+    """What stays fixed for a whole run: data, mesh, compiled steps, sizes."""
+
+    config: object
+    workdir: Path
+    dataset: object
+    mean: np.ndarray
+    std: np.ndarray
+    mesh: object
+    steps_per_epoch: int
+    train_step: object  # K steps per call (steps_per_dispatch = K)
+    single_step: object  # one step per call (the tail of an epoch when K does not divide it)
+    eval_step: object
+    schedule: object
+    meta: dict  # saved with every checkpoint
+    is_main: bool
+
+    def say(self, *args, **kwargs) -> None:
+        """print on the main process only."""
+        if self.is_main:
+            print(*args, **kwargs)
 
 
 def train_and_evaluate(config, workdir) -> list[dict]:
     """Trains (or resumes) the run in ``workdir``; returns the per-epoch metrics history."""
-    import jax
-    from sklearn.metrics import classification_report
-    from tqdm.auto import tqdm
-
     from cifar_jax import checkpoints as ckpt
-    from cifar_jax import train_lib
     from cifar_jax.data import load_dataset
 
     workdir = Path(workdir)
-    is_main = jax.process_index() == 0
-    say = print if is_main else (lambda *a, **k: None)
-
     dataset = load_dataset(config.data)
+    run, state = setup(config, workdir, dataset)
+    manager = open_workdir(workdir, config, dataset.num_classes)
+    try:
+        state, history, progress = restore_or_start(run, manager, state)
+        with catch_signals() as stop, EpochLog(run) as log:
+            for epoch in range(progress.epoch, config.epochs):
+                state, progress, train_time = run_epoch(run, state, progress, stop, manager, history)
+                record = epoch_record(run, state, progress, train_time)
+                history.append(record)
+                progress = Progress(epoch=epoch + 1)
+                log.write(record)
+                last = epoch + 1 == config.epochs
+                every = config.checkpoint.every_epochs
+                if last or (every and (epoch + 1) % every == 0):
+                    ckpt.save(manager, state, {**run.meta, "history": history, "progress": dataclasses.asdict(progress)},
+                              metrics={"test_accuracy": record["test_accuracy"]})
+                if stop.signum is not None and not last:
+                    save_and_stop(run, manager, state, history, progress, stop.signum)
+    finally:
+        manager.close()
+    if run.is_main and config.log.report:
+        from cifar_jax.reporting import build_report
+
+        run.say(f"Report written to {build_report(workdir).path}")
+    return history
+
+
+def setup(config, workdir: Path, dataset):
+    """The fixed parts of a run and a freshly initialised (replicated) train state."""
+    import jax
+
+    from cifar_jax import train_lib
+
     mean, std = dataset.channel_stats()
-    num_classes = dataset.num_classes
     n_train = len(dataset.train_labels)
     steps_per_epoch = n_train // config.batch_size
     if steps_per_epoch == 0:
         raise TrainError(f"batch_size {config.batch_size} is larger than the {n_train} training images")
     total_steps = steps_per_epoch * config.epochs
-
-    model = train_lib.build_model(config, num_classes)
-    tx = train_lib.make_optimizer(config.optim, total_steps)
+    model = train_lib.build_model(config, dataset.num_classes)
     mesh = train_lib.make_mesh()
-    state = train_lib.create_sharded_state(model, tx, config.seed, mesh, config.data.image_size)
-
-    history: list[dict] = []
-    progress = {"epoch": 0, "step_in_epoch": 0, "loss_sum": 0.0, "correct": 0, "count": 0}
-    manager = _open_workdir(workdir, config, num_classes, ckpt)
-    start_step = 0
-    if manager.latest_step() is not None:
-        step = manager.latest_step()
-        meta = ckpt.read_meta(manager, step)
-        state = ckpt.restore_state(manager, step, state)
-        history, progress = meta["history"], meta["progress"]
-        start_step = int(jax.device_get(state.step))
-        say(f"Resuming from step {start_step} (epoch {progress['epoch'] + 1}, batch {progress['step_in_epoch']}) in {workdir}")
-    if is_main:
-        _write_metrics_file(workdir, history)  # Drops any line written after the checkpoint we resume from.
-        if start_step == 0:
-            (workdir / "model_summary.txt").write_text(model_summary(model, config.data.image_size))
-            say(model_summary(model, config.data.image_size))
-        ckpt.write_json_atomic(workdir / "config.json", config.to_dict())
-
-    meta_base = {
+    state = train_lib.create_sharded_state(model, train_lib.make_optimizer(config.optim, total_steps), config.seed, mesh,
+                                           config.data.image_size)
+    aug = dict(crop_padding=config.augment.crop_padding, pad_mode=config.augment.pad_mode, flip=config.augment.flip,
+               cutout_size=config.augment.cutout)
+    k, smoothing = config.steps_per_dispatch, config.optim.label_smoothing
+    train_step = train_lib.make_train_step(mesh, aug=aug, label_smoothing=smoothing, steps_per_dispatch=k)
+    single_step = train_step if k == 1 else train_lib.make_train_step(mesh, aug=aug, label_smoothing=smoothing)
+    meta = {
         "config": config.to_dict(),
         "class_names": list(dataset.class_names),
         "mean": mean.tolist(),
@@ -167,218 +200,233 @@ def train_and_evaluate(config, workdir) -> list[dict]:
         "num_train": n_train,
         "num_test": len(dataset.test_labels),
     }
-    aug = dict(
-        crop_padding=config.augment.crop_padding,
-        pad_mode=config.augment.pad_mode,
-        flip=config.augment.flip,
-        cutout_size=config.augment.cutout,
-    )
-    k = config.steps_per_dispatch
-    train_step = train_lib.make_train_step(mesh, aug=aug, label_smoothing=config.optim.label_smoothing, steps_per_dispatch=k)
-    single_step = train_step if k == 1 else train_lib.make_train_step(mesh, aug=aug, label_smoothing=config.optim.label_smoothing)
-    eval_step = train_lib.make_eval_step(mesh, flip=config.eval_flip)
-    schedule = train_lib.make_schedule(config.optim, total_steps)
-    writer = _tensorboard_writer(workdir, config) if is_main else None
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    procs, pid = jax.process_count(), jax.process_index()
-    rows_per_process = config.batch_size // procs
-    try:
-        for epoch in range(progress["epoch"], config.epochs):
-            order = train_lib.epoch_order(config.seed, epoch, n_train)
-            first = progress["step_in_epoch"] if progress["epoch"] == epoch else 0
-            if first == 0:
-                progress = {"epoch": epoch, "step_in_epoch": 0, "loss_sum": 0.0, "correct": 0, "count": 0}
-            t0 = time.time()
-            bar = tqdm(
-                total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
-                disable=not (is_main and config.log.progress_bar), dynamic_ncols=True, file=sys.stdout,
-            )
-            i = first
-            while i < steps_per_epoch:
-                n = k if (k > 1 and i + k <= steps_per_epoch) else 1
-                idx = order[i * config.batch_size : (i + n) * config.batch_size].reshape(n, config.batch_size)
-                local = idx[:, pid * rows_per_process : (pid + 1) * rows_per_process]
-                imgs, labels = dataset.train_images[local], dataset.train_labels[local]
-                if n == 1:
-                    images, labels = train_lib.global_batch(mesh, imgs[0], labels[0], config.batch_size)
-                    state, metrics = single_step(state, images, labels, mean, std)
-                else:
-                    images, labels = train_lib.global_batch(mesh, imgs, labels, config.batch_size, leading=(n,))
-                    state, metrics = train_step(state, images, labels, mean, std)
-                metrics = jax.device_get(metrics)
-                if not math.isfinite(float(metrics["loss_sum"])):
-                    last = manager.latest_step()
-                    raise TrainError(
-                        f"loss became non-finite at step {int(jax.device_get(state.step))} (epoch {epoch + 1}); "
-                        f"nothing saved after it, last good checkpoint: {'none' if last is None else f'step {last}'}; "
-                        "try a lower optim.lr"
-                    )
-                progress["loss_sum"] += float(metrics["loss_sum"])
-                progress["correct"] += int(metrics["correct"])
-                progress["count"] += int(metrics["count"])
-                i += n
-                progress["step_in_epoch"] = i
-                bar.update(n)
-                bar.set_postfix(loss=f"{progress['loss_sum'] / progress['count']:.4f}", acc=f"{progress['correct'] / progress['count']:.4f}")
-                if stop["signal"] is not None and i < steps_per_epoch:
-                    _save_interrupted(manager, state, meta_base, history, progress, stop["signal"], ckpt)
-            bar.close()
-            train_time = time.time() - t0
-            test = evaluate(eval_step, state, dataset, mean, std, mesh, config.eval_batch_size)
-            record = {
-                "epoch": epoch + 1,
-                "step": int(jax.device_get(state.step)),
-                "lr": float(schedule(int(jax.device_get(state.step)) - 1)),
-                "train_loss": progress["loss_sum"] / progress["count"],
-                "train_accuracy": progress["correct"] / progress["count"],
-                "test_loss": test["loss"],
-                "test_accuracy": test["accuracy"],
-                "train_time_s": train_time,
-                "epoch_time_s": time.time() - t0,
-                "classification_report": classification_report(
-                    dataset.test_labels, test["predictions"], labels=list(range(num_classes)),
-                    target_names=list(dataset.class_names), output_dict=True, zero_division=0,
-                ),
-            }
-            history.append(record)
-            progress = {"epoch": epoch + 1, "step_in_epoch": 0, "loss_sum": 0.0, "correct": 0, "count": 0}
-            say(
-                f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
-                f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f} | {record['epoch_time_s']:.1f}s"
-            )
-            say(classification_report(
-                dataset.test_labels, test["predictions"], labels=list(range(num_classes)),
-                target_names=list(dataset.class_names), digits=4, zero_division=0,
-            ))
-            if is_main:
-                with open(workdir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr"):
-                        writer.add_scalar(key, record[key], epoch + 1)
-                    writer.flush()
-            last_epoch = epoch + 1 == config.epochs
-            every = config.checkpoint.every_epochs
-            if last_epoch or (every and (epoch + 1) % every == 0):
-                ckpt.save(
-                    manager, state, {**meta_base, "history": history, "progress": progress},
-                    metrics={"test_accuracy": record["test_accuracy"]},
-                )
-            if stop["signal"] is not None and not last_epoch:
-                _save_interrupted(manager, state, meta_base, history, progress, stop["signal"], ckpt)
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        manager.close()
-        if writer is not None:
-            writer.close()
-    if is_main and config.log.report:
-        from cifar_jax.report import build_report
-
-        build_report(workdir)
-        say(f"Report written to {workdir / 'REPORT.md'}")
-    return history
+    run = Run(config, workdir, dataset, mean, std, mesh, steps_per_epoch, train_step, single_step,
+              train_lib.make_eval_step(mesh, flip=config.eval_flip), train_lib.make_schedule(config.optim, total_steps),
+              meta, jax.process_index() == 0)
+    run.say(f"Data: {getattr(dataset, 'description', config.data.path)}: {n_train} training and "
+            f"{len(dataset.test_labels)} test images, {dataset.num_classes} classes")
+    return run, state
 
 
-def evaluate(eval_step, state, dataset, mean, std, mesh, eval_batch_size: int) -> dict:
-    """Test loss, accuracy and (M,) predictions over the whole test set, padding the last batch."""
-    import jax
+def open_workdir(workdir: Path, config, num_classes: int):
+    """The workdir's checkpoint manager; refuses, touching nothing, a workdir that holds another model."""
+    from cifar_jax import checkpoints as ckpt
 
-    from cifar_jax import train_lib
-
-    devices, procs, pid = jax.device_count(), jax.process_count(), jax.process_index()
-    batch = -(-eval_batch_size // devices) * devices  # Round up to a multiple of the device count.
-    images, labels = dataset.test_images, dataset.test_labels
-    m = len(labels)
-    predictions, loss_sum = [], 0.0
-    for start in range(0, m, batch):
-        x, y = images[start : start + batch], labels[start : start + batch]
-        valid = len(y)
-        if valid < batch:  # Pad with copies of the first image; the mask zeroes their loss.
-            x = np.concatenate([x, np.repeat(x[:1], batch - valid, 0)])
-            y = np.concatenate([y, np.repeat(y[:1], batch - valid, 0)])
-        mask = np.arange(batch) < valid
-        rows = slice(pid * batch // procs, (pid + 1) * batch // procs)
-        gx, gy = train_lib.global_batch(mesh, x[rows], y[rows], batch)
-        gmask = jax.make_array_from_process_local_data(train_lib.batch_sharded(mesh), mask[rows], (batch,))
-        out = jax.device_get(eval_step(state, gx, gy, gmask, mean, std))
-        predictions.append(np.argmax(out["logits"][:valid], -1))
-        loss_sum += float(np.sum(out["loss"][:valid], dtype=np.float64))
-    predictions = np.concatenate(predictions)
-    return {"loss": loss_sum / m, "accuracy": float(np.mean(predictions == labels)), "predictions": predictions}
-
-
-def model_summary(model, image_size: int = 32) -> str:
-    """``nn.tabulate`` table (layer, output shape, parameters) of ``model`` on one image."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    table = nn.tabulate(model, jax.random.key(0), depth=2, console_kwargs={"width": 120, "force_terminal": False})
-    return table(jnp.zeros((1, image_size, image_size, 3)), train=False)
-
-
-def _open_workdir(workdir: Path, config, num_classes: int, ckpt):
-    """Opens the checkpoint manager; refuses, without touching anything, a workdir of another model."""
     existing = ckpt.checkpoint_dir(workdir)
     if config.fresh and existing.exists():
-        import shutil
-
-        # Only our own files are removed: checkpoints and the files derived from them.
-        shutil.rmtree(existing)
+        shutil.rmtree(existing)  # Only our own files: checkpoints and what is derived from them.
         for name in ("metrics.jsonl", "REPORT.md"):
             (workdir / name).unlink(missing_ok=True)
-    if existing.exists() and not config.fresh:
+    if existing.exists():
         probe = ckpt.make_manager(workdir, read_only=True)
-        latest = probe.latest_step()
-        if latest is not None:
-            meta = ckpt.read_meta(probe, latest)
-            why = ckpt.describe_mismatch(meta["config"], config, num_classes, len(meta["class_names"]))
-            if why:
-                probe.close()
-                raise TrainError(
-                    f"workdir {str(workdir)!r} holds a checkpoint of another model ({why}); "
-                    "use another --workdir, or --config.fresh=True to start over there"
-                )
-        probe.close()
+        try:
+            latest = probe.latest_step()
+            if latest is not None:
+                meta = ckpt.read_meta(probe, latest)
+                why = ckpt.describe_mismatch(meta["config"], config, num_classes, len(meta["class_names"]))
+                if why:
+                    raise TrainError(f"workdir {str(workdir)!r} holds a checkpoint of another model ({why}); "
+                                     "use another --workdir, or --config.fresh=True to start over there")
+        finally:
+            probe.close()
     workdir.mkdir(parents=True, exist_ok=True)
     return ckpt.make_manager(workdir, keep=config.checkpoint.keep)
 
 
-def _write_metrics_file(workdir: Path, history: list[dict]) -> None:
+def restore_or_start(run: Run, manager, state):
+    """(state, history, progress) from the newest checkpoint, or the fresh state; writes the run's own files."""
+    import jax
+
+    from cifar_jax import checkpoints as ckpt
+
+    history, progress = [], Progress()
+    step = manager.latest_step()
+    if step is not None:
+        meta = ckpt.read_meta(manager, step)
+        state = ckpt.restore_state(manager, step, state)
+        history, progress = meta["history"], Progress(**meta["progress"])
+        run.say(f"Resuming from step {int(jax.device_get(state.step))} (epoch {progress.epoch + 1}, "
+                f"batch {progress.step_in_epoch}) in {run.workdir}")
+    if run.is_main:
+        write_metrics_file(run.workdir, history)  # Drops any line written after the checkpoint we resume from.
+        if step is None:
+            summary = model_summary(run.config, run.dataset.num_classes)
+            (run.workdir / "model_summary.txt").write_text(summary)
+            run.say(summary)
+        ckpt.write_json_atomic(run.workdir / "config.json", run.config.to_dict())
+    return state, history, progress
+
+
+def run_epoch(run: Run, state, progress: Progress, stop, manager, history):
+    """Trains the rest of epoch ``progress.epoch``; returns (state, progress, seconds)."""
+    import jax
+
+    from cifar_jax import train_lib
+    from tqdm.auto import tqdm
+
+    config, epoch, n = run.config, progress.epoch, run.steps_per_epoch
+    k, batch = config.steps_per_dispatch, config.batch_size
+    order = train_lib.epoch_order(config.seed, epoch, len(run.dataset.train_labels))
+    rows = train_lib.local_rows(batch)
+    t0 = time.time()
+    with tqdm(total=n, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True,
+              disable=not (run.is_main and config.log.progress_bar), file=sys.stdout) as bar:
+        while progress.step_in_epoch < n:
+            i = progress.step_in_epoch
+            steps = k if (k > 1 and i + k <= n) else 1
+            idx = order[i * batch : (i + steps) * batch].reshape(steps, batch)[:, rows]
+            images, labels = run.dataset.train_images[idx], run.dataset.train_labels[idx]
+            if steps == 1:
+                images, labels = train_lib.global_batch(run.mesh, images[0], labels[0], batch)
+                state, metrics = run.single_step(state, images, labels, run.mean, run.std)
+            else:
+                images, labels = train_lib.global_batch(run.mesh, images, labels, batch, leading=(steps,))
+                state, metrics = run.train_step(state, images, labels, run.mean, run.std)
+            metrics = jax.device_get(metrics)
+            check_finite(metrics, state, epoch, manager)
+            progress.add(metrics, steps)
+            bar.update(steps)
+            bar.set_postfix(loss=f"{progress.loss:.4f}", acc=f"{progress.accuracy:.4f}")
+            if stop.signum is not None and progress.step_in_epoch < n:
+                bar.close()
+                save_and_stop(run, manager, state, history, progress, stop.signum)
+    return state, progress, time.time() - t0
+
+
+def check_finite(metrics: dict, state, epoch: int, manager) -> None:
+    """Stops the run (TrainError) at a non-finite loss; nothing after the last good checkpoint is saved."""
+    import jax
+
+    if not math.isfinite(float(metrics["loss_sum"])):
+        last = manager.latest_step()
+        raise TrainError(
+            f"loss became non-finite at step {int(jax.device_get(state.step))} (epoch {epoch + 1}); "
+            f"nothing saved after it, last good checkpoint: {'none' if last is None else f'step {last}'}; "
+            "try a lower optim.lr"
+        )
+
+
+def epoch_record(run: Run, state, progress: Progress, train_time: float) -> dict:
+    """Evaluates on the test set and returns the epoch's metrics record (also printed)."""
+    import jax
+
+    from cifar_jax import train_lib
+    from cifar_jax.reporting import class_report, format_class_report
+
+    t0 = time.time()
+    test = train_lib.evaluate(run.eval_step, state, run.dataset.test_images, run.dataset.test_labels, run.mesh,
+                              run.config.eval_batch_size, run.mean, run.std)
+    step = int(jax.device_get(state.step))
+    names = run.dataset.class_names
+    report = class_report(run.dataset.test_labels, test["predictions"], names)
+    record = {
+        "epoch": progress.epoch + 1,
+        "step": step,
+        "lr": float(run.schedule(step - 1)),
+        "train_loss": progress.loss,
+        "train_accuracy": progress.accuracy,
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "train_time_s": train_time,
+        "epoch_time_s": train_time + time.time() - t0,
+        "classification_report": report,
+    }
+    run.say(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
+            f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f} | {record['epoch_time_s']:.1f}s")
+    run.say(format_class_report(report, names) + "\n")
+    return record
+
+
+def save_and_stop(run: Run, manager, state, history, progress: Progress, signum: int):
+    """Saves the current step (unless just saved) and raises Interrupted."""
+    import jax
+
+    from cifar_jax import checkpoints as ckpt
+
+    step = int(jax.device_get(state.step))
+    if manager.latest_step() != step:
+        ckpt.save(manager, state, {**run.meta, "history": history, "progress": dataclasses.asdict(progress)})
+    raise Interrupted(
+        f"{signal.Signals(signum).name}: saved step {step} (epoch {progress.epoch + 1}, batch {progress.step_in_epoch}); "
+        "run the same command again to resume",
+        signum,
+    )
+
+
+class _Stop:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def catch_signals():
+    """Within the block, SIGINT/SIGTERM only set ``.signum`` on the yielded object; the loop saves and stops."""
+    stop = _Stop()
+
+    def on_signal(signum, frame):
+        stop.signum = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+class EpochLog:
+    """Appends each epoch's record to ``metrics.jsonl`` and, if configured, TensorBoard (main process only)."""
+
+    def __init__(self, run: Run):
+        self.path = run.workdir / "metrics.jsonl"
+        self.enabled = run.is_main
+        self.tensorboard = None
+        if self.enabled and run.config.log.tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise TrainError("log.tensorboard=True needs tensorboardX: pip install 'cifar_jax[tensorboard]'") from None
+            self.tensorboard = SummaryWriter(str(run.workdir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr"):
+                self.tensorboard.add_scalar(key, record[key], record["epoch"])
+            self.tensorboard.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def write_metrics_file(workdir: Path, history: list[dict]) -> None:
+    """Rewrites ``metrics.jsonl`` from ``history`` atomically."""
     tmp = workdir / "metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
     tmp.replace(workdir / "metrics.jsonl")
 
 
-def _save_interrupted(manager, state, meta_base, history, progress, signum, ckpt):
+def model_summary(config, num_classes: int) -> str:
+    """``nn.tabulate`` table (layer, output shape, parameters) of the config's model on one image, plus the trainable count."""
+    import flax.linen as nn
     import jax
+    import jax.numpy as jnp
 
-    step = int(jax.device_get(state.step))
-    if manager.latest_step() != step:
-        ckpt.save(manager, state, {**meta_base, "history": history, "progress": progress})
-    name = signal.Signals(signum).name
-    raise Interrupted(
-        f"{name}: saved step {step} (epoch {progress['epoch'] + 1}, batch {progress['step_in_epoch']}); "
-        "run the same command again to resume",
-        128 + signum,
-    )
+    from cifar_jax.models import build_model
 
-
-def _tensorboard_writer(workdir: Path, config):
-    if not config.log.tensorboard:
-        return None
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        raise TrainError("log.tensorboard=True needs tensorboardX: pip install 'cifar_jax[tensorboard]'") from None
-    return SummaryWriter(str(workdir / "tensorboard"))
+    model, size = build_model(config, num_classes), config.data.image_size
+    x = jnp.zeros((1, size, size, 3))
+    table = nn.tabulate(model, jax.random.key(0), depth=2, console_kwargs={"width": 120, "force_terminal": False})(x, train=False)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+    return (f"{table}\nTrainable parameters: {count(variables['params']):,}; the table's total also counts the "
+            f"{count(variables['batch_stats']):,} BatchNorm running statistics (batch_stats), which are not trained.\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,9 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cifar_jax.augment import augment_batch, normalize
-from cifar_jax.models import get_model
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from cifar_jax.models import build_model, eval_logits  # noqa: F401  (build_model: part of this module's API)
 
 
 class TrainState(train_state.TrainState):
@@ -33,17 +30,6 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any
     rng: jax.Array
-
-
-def build_model(config, num_classes: int) -> nn.Module:
-    """The Flax module a config's ``model`` block describes."""
-    return get_model(
-        config.model.name,
-        width=config.model.width,
-        num_classes=num_classes,
-        dtype=DTYPES[config.model.dtype],
-        zero_init_residual=config.model.zero_init_residual,
-    )
 
 
 def make_schedule(optim, total_steps: int) -> optax.Schedule:
@@ -76,7 +62,7 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     raise ValueError(f"unknown optimizer {optim.name!r}")
 
 
-def init_variables(model: nn.Module, key: jax.Array, image_size: int = 32) -> dict:
+def init_variables(model, key: jax.Array, image_size: int = 32) -> dict:
     """``{"params", "batch_stats"}`` for a (1, image_size, image_size, 3) input."""
     return model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
 
@@ -171,10 +157,7 @@ def eval_step(state: TrainState, images, labels, mask, mean, std, *, flip=False)
       {"logits": (B, classes) float32, "loss": (B,) float32 (0 on padding)}.
     """
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    x = normalize(images, mean, std)
-    logits = state.apply_fn(variables, x, train=False).astype(jnp.float32)
-    if flip:
-        logits = 0.5 * (logits + state.apply_fn(variables, x[:, :, ::-1], train=False).astype(jnp.float32))
+    logits = eval_logits(state.apply_fn, variables, normalize(images, mean, std), flip)
     loss = cross_entropy(logits, labels, logits.shape[-1]) * mask
     return {"logits": logits, "loss": loss}
 
@@ -221,6 +204,44 @@ def make_eval_step(mesh, *, flip: bool = False):
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     """The training order of ``epoch``: a permutation that depends only on (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def local_rows(global_rows: int) -> slice:
+    """This process's share of a global batch of ``global_rows`` rows (all of it on one host)."""
+    procs, pid = jax.process_count(), jax.process_index()
+    return slice(pid * global_rows // procs, (pid + 1) * global_rows // procs)
+
+
+def evaluate(eval_step, state, images, labels, mesh, batch_size: int, mean, std) -> dict:
+    """Test loss, accuracy and (M,) predictions over a whole split, padding the last batch.
+
+    Args:
+      eval_step: from ``make_eval_step(mesh, flip=...)``.
+      images: (M, H, W, 3) uint8 and labels (M,) int32, the same full arrays on every process.
+      batch_size: rounded up to a multiple of the device count.
+
+    Returns:
+      {"loss": mean cross-entropy, "accuracy": float, "predictions": (M,) int}.
+    """
+    devices = jax.device_count()
+    batch = -(-batch_size // devices) * devices
+    m = len(labels)
+    predictions, loss_sum = [], 0.0
+    for start in range(0, m, batch):
+        x, y = images[start : start + batch], labels[start : start + batch]
+        valid = len(y)
+        if valid < batch:  # Pad with copies of the first image; the mask zeroes their loss.
+            x = np.concatenate([x, np.repeat(x[:1], batch - valid, 0)])
+            y = np.concatenate([y, np.repeat(y[:1], batch - valid, 0)])
+        mask = np.arange(batch) < valid
+        rows = local_rows(batch)
+        gx, gy = global_batch(mesh, x[rows], y[rows], batch)
+        gmask = jax.make_array_from_process_local_data(batch_sharded(mesh), mask[rows], (batch,))
+        out = jax.device_get(eval_step(state, gx, gy, gmask, mean, std))
+        predictions.append(np.argmax(out["logits"][:valid], -1))
+        loss_sum += float(np.sum(out["loss"][:valid], dtype=np.float64))
+    predictions = np.concatenate(predictions)
+    return {"loss": loss_sum / m, "accuracy": float(np.mean(predictions == labels)), "predictions": predictions}
 
 
 def global_batch(mesh, local_images: np.ndarray, local_labels: np.ndarray, global_rows: int, leading=()):

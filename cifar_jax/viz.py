@@ -93,3 +93,16 @@ def shrink_png(path) -> None:
     with Image.open(path) as im:
         small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     small.save(path, optimize=True)
+
+
+def explanation_pictures(images, explanation, alpha: float = 0.5) -> np.ndarray:
+    """What to draw for an ``inference.Explanation`` of (N, H, W, 3) images -> (N, H, W, 3) float in [0, 1].
+
+    Heat-map overlays for CAMs; for the guided methods the input gradients themselves
+    (standardised around grey, as pytorch-grad-cam's ``deprocess_image``).
+    """
+    from cifar_jax.cam import deprocess_gradients
+
+    if explanation.guided is not None:
+        return np.asarray(deprocess_gradients(explanation.guided))
+    return np.stack([heatmap_overlay(img, m, alpha) for img, m in zip(images, explanation.maps)])

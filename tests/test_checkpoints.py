@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from cifar_jax import train, train_lib
-from cifar_jax.checkpoints import CheckpointError, load_trained, make_manager
+from cifar_jax.checkpoints import CheckpointError, make_manager
+from cifar_jax.inference import load_trained
 from tests.conftest import ROOT
 
 TIME_FIELDS = {"train_time_s", "epoch_time_s"}
@@ -83,6 +84,7 @@ def test_sigterm_saves_and_resume_is_bitwise_exact(reference, cifar_archive, tmp
     assert run(tmp_path, cifar_archive) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert f"SIGTERM: saved step {interrupt_at_call}" in err and "run the same command again to resume" in err
+    assert "('" not in err and err.strip().splitlines()[-1].startswith("SIGTERM: saved step")  # a sentence, not a tuple
     assert make_manager(tmp_path, read_only=True).latest_step() == interrupt_at_call
     monkeypatch.setattr(train_lib, "make_train_step", real)
     assert run(tmp_path, cifar_archive) == 0

@@ -31,7 +31,7 @@ def test_bad_overrides_are_one_line_errors(override, message):
 @pytest.mark.parametrize(
     "override,devices,message",
     [
-        ("epochs=0", 1, "epochs must be positive"),
+        ("epochs=0", 1, "epochs must be an integer >= 1, got 0"),
         ("batch_size=100", 3, "not divisible by the 3 devices"),
         ("optim.name=rmsprop", 1, "unknown optim.name 'rmsprop'"),
         ("data.path=/no/such/place", 1, "does not exist"),
@@ -65,7 +65,7 @@ def test_original_recipe_config():
     [
         (["--config", "experiments/nope.py"], "config file 'experiments/nope.py' does not exist"),
         (["--config", "experiments/smoke.py", "--config.epochz=1"], "unknown config field 'epochz'"),
-        (["--config", "experiments/smoke.py", "--config.epochs=0"], "epochs must be positive"),
+        (["--config", "experiments/smoke.py", "--config.epochs=0"], "epochs must be an integer >= 1"),
         (["--config", "experiments/smoke.py", "--config.data.path=/nowhere.tar.gz"], "does not exist"),
     ],
 )
@@ -76,3 +76,28 @@ def test_cli_reports_bad_config_in_one_line(args, message, tmp_path):
     lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
     assert lines[-1].startswith("error:") and message in lines[-1], result.stderr
     assert not (tmp_path / "w").exists()  # nothing computed, nothing written
+
+
+def test_misspelt_field_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
+        apply_overrides(base_config(), ["optim.lrr=0.1"])
+
+
+def test_every_field_has_a_rule_and_a_comment():
+    import inspect
+
+    from cifar_jax.config import RULES, flatten
+
+    assert set(flatten(base_config())) == set(RULES)
+    source = inspect.getsource(base_config)
+    for name in RULES:
+        line = next(l for l in source.splitlines() if f"c.{name} = " in l)
+        above = source.splitlines()[source.splitlines().index(line) - 1]
+        assert "#" in line or above.strip().startswith("#"), name
+
+
+def test_help_lists_fields_and_print_config_resolves_overrides():
+    result = run_module("cifar_jax.train", "--help", timeout=120)
+    assert result.returncode == 0 and "optim.lr = 0.1" in result.stdout and "a finite number > 0" in result.stdout
+    result = run_module("cifar_jax.train", "--config", "experiments/smoke.py", "--print-config", "--config.epochs=7", timeout=120)
+    assert result.returncode == 0 and '"epochs": 7' in result.stdout and '"width": 4' in result.stdout

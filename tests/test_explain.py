@@ -24,12 +24,11 @@ def test_default_explains_the_worst_misclassified_test_images(smoke_workdir, tmp
 
 
 def test_misclassified_are_sorted_by_loss(smoke_workdir):
-    from cifar_jax.checkpoints import load_trained
-    from cifar_jax.data import load_dataset
+    from cifar_jax import inference
 
-    trained = load_trained(smoke_workdir)
-    ds = load_dataset(trained.config.data)
-    idx = explain.misclassified_by_loss(trained, ds.test_images, ds.test_labels)
+    trained = inference.load_trained(smoke_workdir)
+    ds = inference.load_run_data(trained)
+    idx = inference.misclassified_by_loss(inference.predict(trained, ds.test_images, ds.test_labels))
     probs = np.asarray(__import__("jax").nn.softmax(trained.logits(ds.test_images[idx])))
     assert np.all(probs.argmax(-1) != ds.test_labels[idx])
     true_p = probs[np.arange(len(idx)), ds.test_labels[idx]]
@@ -61,7 +60,8 @@ def test_user_images_of_any_size_and_mode(smoke_workdir, tmp_path, capsys):
     assert Image.open(out_dir / "photo_gradcam.png").size == (120, 90)  # overlay at the original resolution
     assert Image.open(out_dir / "rgba_gradcam.png").size == (64, 48)
     assert Image.open(out_dir / "gray_gradcam_32px.png").size == (128, 128)
-    lines = out.strip().splitlines()
+    model_line, *lines = out.strip().splitlines()
+    assert model_line.startswith("Model: step ")
     assert len(lines) == 4
     for line in lines:  # top-3 classes with probabilities
         ranking = line.split(": ", 1)[1].split(" | ")[0].split(", ")

@@ -2,7 +2,8 @@ import json
 
 from PIL import Image
 
-from cifar_jax.report import REPORT_FILES, main
+from cifar_jax.report import main
+from cifar_jax.reporting import REPORT_FILES
 
 
 def test_training_writes_a_complete_report(smoke_workdir):

@@ -1,10 +1,21 @@
-"""Model registry: ``get_model(name, **kwargs)`` returns a Flax module."""
+"""Model registry and the one eval-mode predictor every consumer uses.
+
+``get_model(name, **kwargs)`` returns a Flax module; ``build_model(model_config, num_classes)``
+the module a config's ``model`` block describes; ``eval_logits`` applies it in eval mode,
+optionally averaging with the mirrored images (``config.eval_flip``).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax.numpy as jnp
 
 from cifar_jax.models.resnet import STAGES, BasicBlock, Bottleneck, ResNet, ResNet10, ResNet18, ResNet34, ResNet50
 
 MODELS = {"resnet10": ResNet10, "resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def get_model(name: str, **kwargs) -> ResNet:
@@ -15,4 +26,41 @@ def get_model(name: str, **kwargs) -> ResNet:
     return MODELS[key](**kwargs)
 
 
-__all__ = ["MODELS", "STAGES", "BasicBlock", "Bottleneck", "ResNet", "ResNet10", "ResNet18", "ResNet34", "ResNet50", "get_model"]
+def build_model(config, num_classes: int) -> ResNet:
+    """The module a run config's ``model`` block describes (name, width, dtype, zero_init_residual)."""
+    m = config.model
+    return get_model(m.name, width=m.width, num_classes=num_classes, dtype=DTYPES[m.dtype], zero_init_residual=m.zero_init_residual)
+
+
+def eval_logits(apply_fn, variables, images, flip: bool = False):
+    """Eval-mode logits: (N, H, W, 3) normalised images -> (N, classes) float32.
+
+    ``apply_fn`` is a module's ``apply``; with ``flip`` the logits of the image and its
+    left-right mirror are averaged (test-time augmentation). Training's evaluation, the
+    trained-model predictor, reports, explanations and faithfulness metrics all call this.
+    """
+    logits = apply_fn(variables, images, train=False).astype(jnp.float32)
+    if flip:
+        logits = 0.5 * (logits + apply_fn(variables, images[:, :, ::-1], train=False).astype(jnp.float32))
+    return logits
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalLogits:
+    """``eval_logits`` as a hashable callable ``(variables, images) -> logits``.
+
+    Equal for equal modules, so a ``jax.tree_util.Partial(EvalLogits(model.apply), variables)``
+    passed to jitted functions reuses their compiled code.
+    """
+
+    apply_fn: Callable
+    flip: bool = False
+
+    def __call__(self, variables, images):
+        return eval_logits(self.apply_fn, variables, images, self.flip)
+
+
+__all__ = [
+    "DTYPES", "MODELS", "STAGES", "BasicBlock", "Bottleneck", "ResNet", "ResNet10", "ResNet18", "ResNet34",
+    "ResNet50", "EvalLogits", "build_model", "eval_logits", "get_model",
+]

@@ -1,0 +1,228 @@
+"""A trained model and what is computed from its predictions: ONE predictor for every consumer.
+
+Training's evaluation, the report, the explain CLI and the faithfulness metrics all go
+through ``models.eval_logits`` (flip-averaged when the run used ``eval_flip``), so a
+report's confusion matrix, its misclassified images and their heat maps describe the
+same predictor::
+
+    trained = load_trained("runs/resnet18_cpu")          # best checkpoint
+    preds = predict(trained, images_uint8, labels)       # Predictions: logits, losses, ...
+    worst = misclassified_by_loss(preds)[:20]            # highest loss first
+    expl = explain(trained, images_uint8[worst], preds.predicted[worst])   # Explanation
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.tree_util import Partial
+
+from cifar_jax import cam
+from cifar_jax import checkpoints as ckpt
+from cifar_jax.augment import normalize
+from cifar_jax.errors import UserError
+from cifar_jax.models import EvalLogits, build_model, eval_logits
+
+# CAM methods plus the two guided ones, by canonical (CLI) name, with their display names.
+METHOD_LABELS = {
+    "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "hirescam": "HiResCAM",
+    "layercam": "LayerCAM", "scorecam": "Score-CAM", "eigencam": "EigenCAM",
+    "guided-gradcam": "Guided Grad-CAM", "guided-backprop": "Guided backprop",
+}
+GUIDED_METHODS = ("guided-gradcam", "guided-backprop")
+
+
+class ExplainError(UserError):
+    """An explanation that cannot be computed as asked (unknown method, class or layer)."""
+
+    exit_code = 2
+
+
+def canonical_method(name: str) -> str:
+    """Accepts any spelling of a method (``guided_grad_cam``, ``Guided-GradCAM``, ``grad_cam``) -> its CLI name."""
+    squash = lambda s: s.lower().replace("_", "").replace("-", "")
+    by_squashed = {squash(m): m for m in METHOD_LABELS}
+    by_squashed.update({"guidedgradcam": "guided-gradcam", "guidedbackpropagation": "guided-backprop"})
+    if squash(name) not in by_squashed:
+        raise ExplainError(f"unknown method {name!r}; choose one of {', '.join(METHOD_LABELS)}")
+    return by_squashed[squash(name)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A trained model ready to apply, with what it was trained on."""
+
+    model: Any
+    variables: dict  # {"params", "batch_stats"}
+    config: ml_collections.ConfigDict
+    class_names: tuple[str, ...]
+    mean: np.ndarray  # (3,) per-channel mean of the training images in [0, 1]
+    std: np.ndarray  # (3,)
+    step: int
+    history: list
+
+    @property
+    def eval_flip(self) -> bool:
+        """Whether predictions average the image and its mirror (the run's ``eval_flip``)."""
+        return bool(self.config.get("eval_flip", False))
+
+    @functools.cached_property
+    def logits_fn(self) -> Partial:
+        """(N, H, W, 3) *normalised* images -> (N, C) logits, as a pytree (variables are its leaves).
+
+        The same object every call, so jitted metrics that take it compile once.
+        """
+        return Partial(EvalLogits(self.model.apply, self.eval_flip), self.variables)
+
+    @functools.cached_property
+    def _logits_of_uint8(self):
+        apply, flip, mean, std = self.model.apply, self.eval_flip, self.mean, self.std
+        return jax.jit(lambda variables, x: eval_logits(apply, variables, normalize(x, mean, std), flip))
+
+    def logits(self, images):
+        """(N, H, W, 3) uint8 images -> (N, C) float32 logits: THE predictor (flip-averaged if trained so)."""
+        return self._logits_of_uint8(self.variables, images)
+
+
+def load_trained(workdir, step: int | str = "best") -> TrainedModel:
+    """Loads a run's model, variables, config and class names.
+
+    Args:
+      workdir: a training workdir.
+      step: "best" (highest test accuracy), "latest", or an int step.
+
+    Raises ``CheckpointError`` (one line) if there is nothing to load.
+    """
+    if not ckpt.checkpoint_dir(workdir).is_dir():
+        raise ckpt.CheckpointError(f"workdir {str(workdir)!r} has no checkpoints/ (train a model there first)")
+    manager = ckpt.make_manager(workdir, read_only=True)
+    try:
+        step = ckpt.resolve_step(manager, workdir, step)
+        meta = ckpt.read_meta(manager, step)
+        config = ml_collections.ConfigDict(meta["config"])
+        class_names = tuple(meta["class_names"])
+        model = build_model(config, len(class_names))
+        image = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
+        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+        variables = ckpt.restore_variables(manager, step, abstract)
+    finally:
+        manager.close()
+    return TrainedModel(
+        model=model,
+        variables=jax.tree.map(jnp.asarray, variables),
+        config=config,
+        class_names=class_names,
+        mean=np.asarray(meta["mean"], np.float32),
+        std=np.asarray(meta["std"], np.float32),
+        step=step,
+        history=meta.get("history", []),
+    )
+
+
+class Predictions(NamedTuple):
+    """The predictor's output on a labelled set."""
+
+    logits: np.ndarray  # (M, C) float32
+    labels: np.ndarray  # (M,) int true classes
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(M,) predicted classes."""
+        return self.logits.argmax(-1)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """(M, C) softmax probabilities."""
+        return np.asarray(jax.nn.softmax(self.logits, -1))
+
+    @property
+    def losses(self) -> np.ndarray:
+        """(M,) cross-entropy of the true class."""
+        log_p = np.asarray(jax.nn.log_softmax(self.logits, -1))
+        return -log_p[np.arange(len(self.labels)), self.labels]
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.predicted == self.labels))
+
+
+def predict(trained: TrainedModel, images, labels, batch_size: int = 1000, progress: bool = False) -> Predictions:
+    """Runs THE predictor over (M, H, W, 3) uint8 images in batches; ``labels`` (M,) are kept alongside."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(images), batch_size)
+    logits = [np.asarray(trained.logits(images[s : s + batch_size])) for s in tqdm(starts, desc="predict", disable=not progress, leave=False)]
+    return Predictions(np.concatenate(logits), np.asarray(labels))
+
+
+def misclassified_by_loss(predictions: Predictions) -> np.ndarray:
+    """Indices of the misclassified images, highest loss first (ties: lower index first)."""
+    wrong = np.flatnonzero(predictions.predicted != predictions.labels)
+    return wrong[np.argsort(-predictions.losses[wrong], kind="stable")]
+
+
+class Explanation(NamedTuple):
+    """What ``explain`` returns for N images."""
+
+    maps: np.ndarray  # (N, H, W) in [0, 1]: the CAM (Grad-CAM for the guided methods)
+    targets: np.ndarray  # (N,) the classes explained
+    guided: np.ndarray | None  # (N, H, W, 3) input gradients for the guided methods, else None
+    method: str  # canonical name, a key of METHOD_LABELS
+    layer: str
+
+
+def explain(trained: TrainedModel, images, targets=None, *, method="gradcam", layer="layer4",
+            aug_smooth=False, eigen_smooth=False) -> Explanation:
+    """Explains (N, H, W, 3) uint8 images at the model's size.
+
+    ``targets``: None (each image's class under THE predictor), an int or an (N,) array.
+    """
+    method = canonical_method(method)
+    if targets is None:
+        targets = np.asarray(trained.logits(images)).argmax(-1)
+    targets = np.broadcast_to(np.asarray(targets, np.int32), (len(images),))
+    x = normalize(images, trained.mean, trained.std)
+    cam_method = "gradcam" if method in GUIDED_METHODS else method
+    cams = cam.compute_cams(trained.model, trained.variables, x, targets, method=cam_method, layer=layer,
+                            aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+    guided = None
+    if method in GUIDED_METHODS:
+        guided = cam.guided_backprop(trained.model, trained.variables, x, targets)
+        if method == "guided-gradcam":
+            guided = guided * cams.maps[..., None]
+        guided = np.asarray(guided)
+    return Explanation(np.asarray(cams.maps), targets, guided, method, layer)
+
+
+def check_layer(trained: TrainedModel, layer: str) -> None:
+    """Raises ExplainError (one line) unless ``layer`` names a module the CAMs can explain."""
+    if layer not in cam.CAM_LAYERS:
+        raise ExplainError(f"unknown layer {layer!r}; choose one of {', '.join(cam.CAM_LAYERS)}")
+
+
+def class_index(target: str | int | None, class_names) -> int | None:
+    """A class index from a name or a number (as text or int); None stays None. Raises ExplainError."""
+    if target is None:
+        return None
+    text = str(target)
+    if text in class_names:
+        return list(class_names).index(text)
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(class_names):
+        return int(text)
+    raise ExplainError(f"unknown class {text!r}; choose a name ({', '.join(class_names)}) or 0..{len(class_names) - 1}")
+
+
+def load_run_data(trained: TrainedModel, data_path: str | None = None):
+    """The ``data.Dataset`` the run was trained on (``data_path`` replaces the recorded path, e.g. on another machine)."""
+    from cifar_jax.data import load_dataset
+
+    data_config = ml_collections.ConfigDict(trained.config.data.to_dict())
+    if data_path:
+        data_config.path = data_path
+    return load_dataset(data_config)

@@ -1,0 +1,73 @@
+"""Process set-up shared by the command-line front ends: logs, caches, devices, error handling.
+
+Nothing here computes; each function is called once at the start of a CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from cifar_jax.errors import UserError
+
+
+def default_cache_dir() -> Path:
+    """``$CIFAR_JAX_CACHE`` or ``$XDG_CACHE_HOME/cifar_jax`` (``~/.cache/cifar_jax``): data and compile caches."""
+    if os.environ.get("CIFAR_JAX_CACHE"):
+        return Path(os.environ["CIFAR_JAX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cifar_jax"
+
+
+def quiet_library_logs() -> None:
+    """Hides orbax/absl INFO and WARNING chatter (e.g. about read-only managers) from the CLI output."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def enable_compilation_cache() -> None:
+    """Turns on JAX's persistent compilation cache in ``default_cache_dir() / "jax"`` (off with CIFAR_JAX_NO_COMPILE_CACHE=1)."""
+    import jax
+
+    if os.environ.get("CIFAR_JAX_NO_COMPILE_CACHE"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def initialize_devices(config) -> None:
+    """Splits the CPU into ``config.cpu_devices`` JAX devices and joins a multi-host job if configured.
+
+    Must run before anything starts a JAX backend. ``config.distributed`` (or the
+    ``JAX_COORDINATOR_ADDRESS`` environment) names the coordinator for ``jax.distributed.initialize``.
+    """
+    import jax
+
+    if config.get("cpu_devices", 0) > 0:
+        jax.config.update("jax_num_cpu_devices", config.cpu_devices)
+    d = config.distributed
+    if d.coordinator_address:
+        jax.distributed.initialize(d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id)
+    elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Runs a CLI body: a ``UserError`` prints ``error: <one line>`` and returns its exit code; Ctrl-C returns 130.
+
+    Returns the body's own exit code otherwise. Library logs are quietened first.
+    """
+    quiet_library_logs()
+    try:
+        return main()
+    except UserError as e:
+        print(f"{e.prefix}{e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C); nothing was left half-written", file=sys.stderr)
+        return 130
