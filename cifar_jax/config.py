@@ -107,11 +107,23 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         (config.optim.schedule in SCHEDULES, f"unknown optim.schedule {config.optim.schedule!r}; choose one of {', '.join(SCHEDULES)}"),
         (config.optim.lr > 0, f"optim.lr must be positive, got {config.optim.lr}"),
         (0 <= config.optim.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {config.optim.label_smoothing}"),
-        (config.data.source in ("folder", "tfds"), f"unknown data.source {config.data.source!r}; choose 'folder' or 'tfds'"),
+        (
+            config.data.source in ("auto", "folder", "cifar10", "cifar100", "tfds"),
+            f"unknown data.source {config.data.source!r}; choose auto, folder, cifar10, cifar100 or tfds",
+        ),
+        (config.data.label_mode in ("fine", "coarse"), f"unknown data.label_mode {config.data.label_mode!r}; choose 'fine' or 'coarse'"),
+        (
+            config.data.label_mode == "fine" or config.data.source == "cifar100",
+            f"data.label_mode='coarse' needs data.source='cifar100', got {config.data.source!r}",
+        ),
         (config.data.source != "folder" or bool(config.data.path), "data.path is empty: give the image-folder tree or its .tar.gz"),
         (
             config.data.source != "folder" or Path(config.data.path).exists(),
             f"data.path {config.data.path!r} does not exist",
+        ),
+        (  # A mistyped path is an error, not a silent download; only the default (or "") may be missing.
+            config.data.source != "auto" or Path(config.data.path).exists() or config.data.path in ("", base_config().data.path),
+            f"data.path {config.data.path!r} does not exist (data.source=auto falls back to cifar10 only for the default path)",
         ),
         (config.checkpoint.every_epochs >= 0, "checkpoint.every_epochs must be >= 0"),
         (config.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {config.checkpoint.keep}"),
@@ -147,9 +159,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.zero_init_residual = False
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "folder"
+    c.data.source = "auto"  # auto (folder at path if it exists, else cifar10), folder, cifar10, cifar100, tfds.
     c.data.path = "../shared/data/cifar10-jpg.tar.gz"
     c.data.name = "cifar10"
+    c.data.label_mode = "fine"  # cifar100 only: "fine" (100 classes) or "coarse" (20 superclasses).
+    c.data.download = True  # cifar10/cifar100: fetch the official archive into the cache dir if missing.
+    c.data.url = ""  # Base URL of the archives; empty: $CIFAR_JAX_DATA_URL or https://www.cs.toronto.edu/~kriz.
     c.data.image_size = 32
     c.data.cache = True
     c.data.max_train = 0  # 0 = all images; otherwise a class-balanced subset.
