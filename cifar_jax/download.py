@@ -51,6 +51,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def verify(path: str | os.PathLike) -> None:
+    """Raises DownloadError unless the file at ``path`` has the size and sha256 in ``CHECKSUMS[its name]``."""
+    path = Path(path)
+    size, sha256 = CHECKSUMS[path.name]
+    got = path.stat().st_size
+    digest = sha256_file(path) if got == size else ""
+    if digest != sha256:
+        raise DownloadError(f"{path} is not the published {path.name} ({got} bytes, expected {size} with sha256 {sha256[:12]}...)")
+
+
 def download(name: str, dest_dir: str | os.PathLike, url: str = "", progress: bool = True, timeout: float = 60.0) -> Path:
     """Fetches ``<base url>/<name>`` into ``dest_dir/name`` and returns that path.
 

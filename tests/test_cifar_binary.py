@@ -295,3 +295,24 @@ def test_smoke_training_on_cifar100(archives, tmp_path, monkeypatch):
     assert len(trained.class_names) == 100 and trained.class_names[0] == "fine_00"
     head = [x for x in jax.tree.leaves(trained.variables["params"]) if x.ndim == 2]
     assert [h.shape[-1] for h in head] == [100]  # The only dense layer: the 100-way head.
+
+
+def test_cifar100_recipe_changes_only_the_data_and_schedule():
+    from cifar_jax.config import load_config
+    from tests.conftest import ROOT
+
+    base, c100 = load_config(ROOT / "experiments" / "resnet18.py"), load_config(ROOT / "experiments" / "resnet18_cifar100.py")
+    validate(c100)
+    flat = lambda c, p="": {k2: v2 for k, v in c.items() for k2, v2 in (flat(v, f"{p}{k}.").items() if hasattr(v, "items") else [(p + k, v)])}
+    a, b = flat(base.to_dict()), flat(c100.to_dict())
+    assert {k for k in a if a[k] != b[k]} == {"data.source", "epochs", "optim.label_smoothing"}
+    assert b["data.source"] == "cifar100" and b["data.label_mode"] == "fine"
+
+
+def test_a_wrong_file_in_the_cache_dir_is_refused(archives, monkeypatch, private_cache):
+    publish(monkeypatch, archives[C10])
+    private_cache.mkdir()
+    (private_cache / C10).write_bytes(archives[C100].read_bytes())  # Someone put another file there.
+    with pytest.raises(DataError, match=f"{private_cache / C10} is not the published {C10}") as e:
+        load_dataset(data_config(source="cifar10", download=False))
+    one_line(e)
