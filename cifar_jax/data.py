@@ -169,8 +169,7 @@ def content_key(path: Path) -> str:
     if path.is_dir():
         h = hashlib.sha256()
         for split in SPLITS:
-            for dirpath, dirnames, files in sorted(os.walk(path / split)):
-                dirnames.sort()
+            for dirpath, _, files in sorted(os.walk(path / split)):
                 for f in sorted(files):
                     st = os.stat(os.path.join(dirpath, f))
                     rel = os.path.relpath(os.path.join(dirpath, f), path)

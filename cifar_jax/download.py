@@ -107,6 +107,8 @@ def _stream(source: str, out, name: str, progress: bool, timeout: float) -> tupl
                     h.update(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
+    except urllib.error.HTTPError as e:  # The server answered, so not offline: say what it answered.
+        raise DownloadError(f"cannot download {source}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, socket.timeout, OSError) as e:
         why = (str(getattr(e, "reason", None) or e).strip().splitlines() or [""])[0]
         raise DownloadError(f"cannot download {source} (offline?): {type(e).__name__}: {why}".rstrip(": ")) from None

@@ -97,7 +97,7 @@ class Server:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests.append(self.path)
-                name = self.path.rsplit("/", 1)[-1]
+                name = self.path.removeprefix("/data/")
                 if name not in server.files:
                     self.send_error(404)
                     return
@@ -316,3 +316,10 @@ def test_a_wrong_file_in_the_cache_dir_is_refused(archives, monkeypatch, private
     with pytest.raises(DataError, match=f"{private_cache / C10} is not the published {C10}") as e:
         load_dataset(data_config(source="cifar10", download=False))
     one_line(e)
+
+
+def test_missing_file_on_the_server_is_a_one_line_error(server, private_cache):
+    with pytest.raises(DataError, match=r"cannot download http://127\.0\.0\.1:\d+/nowhere/cifar-10-binary\.tar\.gz: HTTP 404") as e:
+        load_dataset(data_config(source="cifar10", url=server.url.replace("/data", "/nowhere")))
+    one_line(e)
+    assert leftovers(private_cache) == []
