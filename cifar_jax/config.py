@@ -23,7 +23,7 @@ from cifar_jax.models import MODELS
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_SOURCES = ("folder", "tfds")
+DATA_SOURCES = ("auto", "folder", "cifar10", "cifar100", "tfds")
 PAD_MODES = ("reflect", "constant", "edge", "symmetric")
 
 
@@ -179,6 +179,9 @@ RULES: dict[str, Rule] = {
     "data.source": choice(*DATA_SOURCES),
     "data.path": TEXT,
     "data.name": TEXT,
+    "data.label_mode": choice("fine", "coarse"),
+    "data.download": BOOL,
+    "data.url": TEXT,
     "data.image_size": integer(8, 1024),
     "data.cache": BOOL,
     "data.max_train": integer(0),
@@ -241,6 +244,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
          f"augment.crop_padding {c.augment.crop_padding} must be < data.image_size {c.data.image_size} for reflect padding"),
         (c.data.source != "folder" or bool(c.data.path), "data.path is empty: give the image-folder tree or its .tar.gz"),
         (c.data.source != "folder" or Path(c.data.path).exists(), f"data.path {c.data.path!r} does not exist"),
+        (  # A mistyped path is an error, not a silent download; only the default (or "") may be missing.
+            c.data.source != "auto" or Path(c.data.path).exists() or c.data.path in ("", base_config().data.path),
+            f"data.path {c.data.path!r} does not exist (data.source=auto falls back to cifar10 only for the default path)",
+        ),
+        (c.data.label_mode == "fine" or c.data.source == "cifar100",
+         f"data.label_mode='coarse' needs data.source='cifar100', got {c.data.source!r}"),
     ]
     for ok, message in cross:
         if not ok:
@@ -280,9 +289,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.zero_init_residual = False  # Start each block's last BatchNorm scale at 0 (the block begins as identity).
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "folder"  # "folder": image tree or its .tar(.gz); "tfds": a prepared tensorflow-datasets copy.
-    c.data.path = "../shared/data/cifar10-jpg.tar.gz"  # Folder/archive for "folder"; data_dir for "tfds".
+    c.data.source = "auto"  # auto (folder at path if it exists, else cifar10), folder, cifar10, cifar100, tfds.
+    c.data.path = "../shared/data/cifar10-jpg.tar.gz"  # Folder/archive for folder; the archive (or its folder) for cifar10/100; data_dir for tfds.
     c.data.name = "cifar10"  # tfds dataset name.
+    c.data.label_mode = "fine"  # cifar100 only: "fine" (100 classes) or "coarse" (20 superclasses).
+    c.data.download = True  # cifar10/cifar100: fetch the official archive into the cache dir if missing.
+    c.data.url = ""  # Base URL of the archives; empty: $CIFAR_JAX_DATA_URL or https://www.cs.toronto.edu/~kriz.
     c.data.image_size = 32  # Images are resized to this square size when decoded.
     c.data.cache = True  # Keep decoded arrays in the cache dir (~/.cache/cifar_jax) for fast restarts.
     c.data.max_train = 0  # 0 = all images; otherwise a class-balanced subset (tests, quick looks).

@@ -1,9 +1,10 @@
-"""CIFAR-10 as in-memory uint8 arrays, from tensorflow-datasets or an image folder.
+"""CIFAR as in-memory uint8 arrays: official binary releases, an image folder or tensorflow-datasets.
 
-Both sources return a ``Dataset``: ``train_images`` (N, H, W, 3) uint8,
-``train_labels`` (N,) int32, the same for test, and ``class_names``. Decoded
-arrays are cached as ``.npz`` (loaded without pickle) so the second run starts
-in seconds.
+Every source returns a ``Dataset``: ``train_images`` (N, H, W, 3) uint8,
+``train_labels`` (N,) int32, the same for test, ``class_names`` and a
+human-readable ``description`` of where the data came from. Decoded image
+folders are cached as ``.npz`` (loaded without pickle), keyed on their content,
+so the second run starts in seconds.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 import tarfile
-from pathlib import Path
-from typing import Iterable
+import warnings
+import zlib
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -23,6 +26,7 @@ from cifar_jax.runtime import default_cache_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 SPLITS = ("train", "test")
+SOURCES = ("auto", "folder", "cifar10", "cifar100", "tfds")
 
 
 class DataError(UserError):
@@ -38,6 +42,7 @@ class Dataset:
     test_images: np.ndarray  # (M, H, W, 3) uint8
     test_labels: np.ndarray  # (M,) int32
     class_names: tuple[str, ...]
+    description: str = ""  # e.g. "CIFAR-10 official binary release (cifar-10-binary.tar.gz)"
 
     @property
     def num_classes(self) -> int:
@@ -58,22 +63,46 @@ class Dataset:
         return mean.astype(np.float32), std.astype(np.float32)
 
 
+def reason(e: BaseException) -> str:
+    """``Type: message`` of an exception, first line only (tarfile's ReadError spans several)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0].rstrip(':')}" if lines else type(e).__name__
+
+
 def load_dataset(data_config) -> Dataset:
     """Loads the dataset a config's ``data`` block names.
 
-    Fields used: ``source`` ("folder" or "tfds"), ``path`` (folder tree or
-    .tar.gz; for tfds the data_dir, optional), ``name`` (tfds name),
-    ``image_size``, ``cache`` (bool), ``max_train`` / ``max_test`` (0 = all;
-    a class-balanced prefix otherwise).
+    Fields used: ``source`` ("auto", "folder", "cifar10", "cifar100" or
+    "tfds"), ``path`` (folder tree or .tar.gz of one; for cifar10/cifar100 the
+    official archive or a directory holding it; for tfds the data_dir),
+    ``name`` (tfds name), ``label_mode`` (cifar100: "fine" or "coarse"),
+    ``download`` and ``url`` (binary releases), ``image_size``, ``cache``,
+    ``max_train`` / ``max_test`` (0 = all; a class-balanced prefix otherwise).
+    "auto" reads ``path`` as a binary release if it has an official archive's
+    name, as an image folder if it exists, else CIFAR-10's binary release
+    (downloaded once if needed).
     """
-    if data_config.source == "folder":
-        if not data_config.path:
+    source, path = data_config.source, data_config.path
+    if source == "auto":  # An official binary archive by its name, an existing image folder, else CIFAR-10.
+        names = {"cifar-10-binary.tar.gz": "cifar10", "cifar-100-binary.tar.gz": "cifar100"}
+        source = names.get(Path(path).name) if path else None
+        source = source or ("folder" if path and Path(path).exists() else "cifar10")
+    if source == "folder":
+        if not path:
             raise DataError("data.path is empty: give an image-folder tree or a .tar.gz of one")
-        ds = load_folder(data_config.path, image_size=data_config.image_size, cache=data_config.cache)
-    elif data_config.source == "tfds":
-        ds = load_tfds(data_config.name, data_dir=data_config.path or None)
+        ds = load_folder(path, image_size=data_config.image_size, cache=data_config.cache)
+    elif source in ("cifar10", "cifar100"):
+        from cifar_jax.cifar_binary import load_cifar
+
+        ds = load_cifar(
+            source, path=path, label_mode=getattr(data_config, "label_mode", "fine"),
+            download=getattr(data_config, "download", True), url=getattr(data_config, "url", ""),
+            image_size=data_config.image_size,
+        )
+    elif source == "tfds":
+        ds = load_tfds(data_config.name, data_dir=path or None)
     else:
-        raise DataError(f"unknown data.source {data_config.source!r}; choose 'folder' or 'tfds'")
+        raise DataError(f"unknown data.source {source!r}; choose one of {', '.join(SOURCES)}")
     return subsample(ds, data_config.max_train, data_config.max_test)
 
 
@@ -93,81 +122,121 @@ def subsample(ds: Dataset, max_train: int = 0, max_test: int = 0) -> Dataset:
 
     tr_x, tr_y = take(ds.train_images, ds.train_labels, max_train)
     te_x, te_y = take(ds.test_images, ds.test_labels, max_test)
-    return Dataset(tr_x, tr_y, te_x, te_y, ds.class_names)
+    return Dataset(tr_x, tr_y, te_x, te_y, ds.class_names, ds.description)
 
 
 # --------------------------------------------------------------------------- folder
 
 
-def load_folder(path: str | os.PathLike, image_size: int = 32, cache: bool = True) -> Dataset:
+def load_folder(path: str | os.PathLike, image_size: int = 32, cache: bool = True, progress: bool = True) -> Dataset:
     """Reads ``train/<class>/*`` and ``test/<class>/*`` from a directory or a .tar(.gz) of one.
 
     Class names are the sorted folder names of ``train``; ``test`` must use
     the same names. Images of any size or mode are converted to RGB and, if
-    needed, resized to ``image_size`` (bilinear). Returns a Dataset.
+    needed, resized to ``image_size`` (bilinear). Archive members named with
+    ``..`` or an absolute path are skipped with a warning; nothing is
+    extracted. Returns a Dataset. With ``cache``, the arrays are kept in
+    ``default_cache_dir()`` keyed on the content (see ``content_key``).
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path {str(path)!r} does not exist")
-    cache_file = None
-    if cache:
-        stat = path.stat()
-        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{image_size}|v1"
-        cache_file = default_cache_dir() / f"folder-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
-        if cache_file.exists():
-            try:
-                return _load_npz(cache_file)
-            except Exception:  # A damaged cache is rebuilt, never trusted.
-                pass
-    if path.is_dir():
-        entries = _dir_entries(path)
-    elif tarfile.is_tarfile(path):
-        entries = _tar_entries(path)
-    else:
+    if not path.is_dir() and not _is_tar(path):
         raise DataError(f"data path {str(path)!r} is neither a directory nor a tar archive")
-    ds = _decode_entries(entries, str(path), image_size)
+    cache_file = key = None
+    if cache:
+        key = content_key(path)
+        ident = f"{path.resolve()}|{image_size}|v2"
+        cache_file = default_cache_dir() / f"folder-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npz"
+        cached = _load_npz(cache_file, key, image_size)
+        if cached is not None:
+            return cached
+    total, entries = (_dir_entries(path) if path.is_dir() else (None, _tar_entries(path)))
+    ds = _decode_entries(entries, str(path), image_size, total, progress)
     if cache_file is not None:
-        _save_npz(cache_file, ds)
+        _save_npz(cache_file, ds, key, image_size)
     return ds
 
 
-def _dir_entries(root: Path) -> Iterable[tuple[str, str, str, bytes]]:
+def content_key(path: Path) -> str:
+    """What a folder cache depends on: every member's relative path, size and mtime_ns for a
+    directory; size, mtime_ns and sha256 of the bytes for an archive."""
+    if path.is_dir():
+        h = hashlib.sha256()
+        for split in SPLITS:
+            for dirpath, _, files in sorted(os.walk(path / split)):
+                for f in sorted(files):
+                    st = os.stat(os.path.join(dirpath, f))
+                    rel = os.path.relpath(os.path.join(dirpath, f), path)
+                    h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return f"dir:{h.hexdigest()}"
+    from cifar_jax.download import sha256_file
+
+    st = path.stat()
+    return f"archive:{st.st_size}:{st.st_mtime_ns}:{sha256_file(path)}"
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, EOFError, zlib.error):
+        return False
+
+
+def _dir_entries(root: Path):
+    """(count, iterator of (split, class, origin, bytes)) for an image-folder directory."""
+    files = []
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
             continue
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            for f in sorted(class_dir.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    yield split, class_dir.name, f.name, f.read_bytes()
+            files += [(split, class_dir.name, f) for f in sorted(class_dir.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    return len(files), ((s, c, f.relative_to(root).as_posix(), f.read_bytes()) for s, c, f in files)
 
 
-def _tar_entries(archive: Path) -> Iterable[tuple[str, str, str, bytes]]:
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if not member.isfile() or Path(member.name).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            # Accept both "train/cls/x.jpg" and "<top>/train/cls/x.jpg".
-            for i in range(len(parts) - 2):
-                if parts[i] in SPLITS and len(parts) - i == 3:
-                    yield parts[i], parts[i + 1], parts[i + 2], tar.extractfile(member).read()
-                    break
+def _tar_entries(archive: Path):
+    """Yields (split, class, member name, bytes) from a tar; skips unsafe names, never extracts."""
+    unsafe = []
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                if not member.isfile() or Path(member.name).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                parts = PurePosixPath(member.name).parts
+                if member.name.startswith(("/", "\\")) or ".." in parts:
+                    unsafe.append(member.name)
+                    continue
+                # Accept both "train/cls/x.jpg" and "<top>/train/cls/x.jpg".
+                for i in range(len(parts) - 2):
+                    if parts[i] in SPLITS and len(parts) - i == 3:
+                        yield parts[i], parts[i + 1], member.name, tar.extractfile(member).read()
+                        break
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise DataError(f"cannot read {archive} (truncated or corrupt archive?): {reason(e)}") from None
+    if unsafe:
+        warnings.warn(f"{archive}: skipped {len(unsafe)} member(s) named with '..' or an absolute path, "
+                      f"e.g. {unsafe[0]!r}", stacklevel=2)
 
 
-def _decode_entries(entries, where: str, image_size: int) -> Dataset:
+def _decode_entries(entries, where: str, image_size: int, total: int | None = None, progress: bool = True) -> Dataset:
     from PIL import Image
+    from tqdm.auto import tqdm
 
     per_split: dict[str, list[tuple[str, str, np.ndarray]]] = {s: [] for s in SPLITS}
-    for split, class_name, file_name, blob in entries:
+    suffixes = set()
+    bar = tqdm(entries, total=total, desc=f"decoding {Path(where).name}", unit="img", disable=None if progress else True)
+    for split, class_name, origin, blob in bar:
         try:
             with Image.open(io.BytesIO(blob)) as im:
                 im = im.convert("RGB")
                 if im.size != (image_size, image_size):
                     im = im.resize((image_size, image_size), Image.BILINEAR)
-                per_split[split].append((class_name, file_name, np.asarray(im, np.uint8)))
+                per_split[split].append((class_name, origin, np.asarray(im, np.uint8)))
         except Exception as e:
-            raise DataError(f"cannot decode {split}/{class_name}/{file_name} in {where}: {e}") from None
+            why = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(e)).strip() or type(e).__name__  # No BytesIO repr.
+            raise DataError(f"cannot decode {origin} in {where}: {why}") from None
+        suffixes.add(Path(origin).suffix.lower().lstrip("."))
     for split in SPLITS:
         if not per_split[split]:
             raise DataError(f"no images under {split}/<class>/ in {where}")
@@ -177,15 +246,18 @@ def _decode_entries(entries, where: str, image_size: int) -> Dataset:
         raise DataError(f"test classes {unknown} have no train folder in {where}")
     arrays = {}
     for split in SPLITS:
-        items = sorted(per_split[split], key=lambda t: (t[0], t[1]))  # Stable order: class, file name.
+        items = sorted(per_split[split], key=lambda t: (t[0], PurePosixPath(t[1]).name))  # Stable: class, file name.
         arrays[split] = (
             np.stack([im for _, _, im in items]),
             np.array([class_names.index(c) for c, _, _ in items], np.int32),
         )
-    return Dataset(*arrays["train"], *arrays["test"], class_names)
+    formats = ", ".join(sorted({"JPEG" if s in ("jpg", "jpeg") else s.upper() for s in suffixes}))
+    n = sum(len(v) for v in per_split.values())
+    return Dataset(*arrays["train"], *arrays["test"], class_names, f"image folder {Path(where).name} ({n} {formats} images)")
 
 
-def _save_npz(file: Path, ds: Dataset) -> None:
+def _save_npz(file: Path, ds: Dataset, key: str, image_size: int) -> None:
+    """Writes the arrays plus what they were built from (source description, content key, image size)."""
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".tmp{os.getpid()}.npz")
     np.savez(
@@ -195,15 +267,29 @@ def _save_npz(file: Path, ds: Dataset) -> None:
         test_images=ds.test_images,
         test_labels=ds.test_labels,
         class_names=np.array(ds.class_names, dtype=np.str_),
+        description=np.array(ds.description),
+        key=np.array(key),
+        image_size=np.array(image_size),
     )
     os.replace(tmp, file)  # Atomic: a concurrent or killed run never sees half a cache file.
 
 
-def _load_npz(file: Path) -> Dataset:
-    with np.load(file, allow_pickle=False) as z:
-        return Dataset(
-            z["train_images"], z["train_labels"], z["test_images"], z["test_labels"], tuple(str(c) for c in z["class_names"])
-        )
+def _load_npz(file: Path, key: str, image_size: int) -> Dataset | None:
+    """The cached Dataset if ``file`` holds arrays built from ``key`` at ``image_size``, else None."""
+    if not file.exists():
+        return None
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            if str(z["key"]) != key or int(z["image_size"]) != image_size:
+                return None
+            ds = Dataset(z["train_images"], z["train_labels"], z["test_images"], z["test_labels"],
+                         tuple(str(c) for c in z["class_names"]), str(z["description"]))
+    except Exception:  # A damaged or old-format cache is rebuilt, never trusted.
+        return None
+    for images, labels in ((ds.train_images, ds.train_labels), (ds.test_images, ds.test_labels)):
+        if images.shape[1:] != (image_size, image_size, 3) or len(labels) != len(images) or labels.max() >= ds.num_classes:
+            return None
+    return ds
 
 
 # --------------------------------------------------------------------------- tfds
@@ -235,4 +321,4 @@ def load_tfds(name: str = "cifar10", data_dir: str | None = None) -> Dataset:
             np.array([int(r["label"]) for r in records], np.int32),
         )
     class_names = tuple(builder.info.features["label"].names)
-    return Dataset(*arrays["train"], *arrays["test"], class_names)
+    return Dataset(*arrays["train"], *arrays["test"], class_names, f"tensorflow-datasets {name}")

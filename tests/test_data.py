@@ -1,3 +1,4 @@
+import os
 import tarfile
 
 import numpy as np
@@ -104,3 +105,90 @@ def test_tfds_source_offline_with_mock_data():
     assert ds.test_images.shape == (6, 32, 32, 3)
     assert len(ds.class_names) == 10
     assert ds.train_labels.min() >= 0 and ds.train_labels.max() < 10
+
+
+# --------------------------------------------------------------------------- issue 12: cache keying, archives
+
+
+def test_replacing_or_adding_an_image_in_a_tree_invalidates_the_cache(image_tree):
+    first = load_folder(image_tree)
+    assert first.train_images[0, 0, 0].tolist() != [1, 2, 3]
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(image_tree / "train" / "airplane" / "0000.png")  # Same name, new pixels.
+    replaced = load_folder(image_tree)
+    assert replaced.train_images[0, 0, 0].tolist() == [1, 2, 3]
+    Image.new("RGB", (32, 32), (4, 5, 6)).save(image_tree / "train" / "bird" / "0100.png")
+    added = load_folder(image_tree)
+    assert added.train_images.shape[0] == 13 and added.train_images[-1, 0, 0].tolist() == [4, 5, 6]
+
+
+def test_a_cache_file_of_another_image_size_is_rebuilt(image_tree, tmp_path):
+    load_folder(image_tree, image_size=16)
+    small = list((tmp_path / "cache").glob("*.npz"))
+    load_folder(image_tree, image_size=32)
+    (normal,) = set((tmp_path / "cache").glob("*.npz")) - set(small)
+    normal.write_bytes(small[0].read_bytes())  # A cache file holding 16x16 arrays where 32x32 are asked for.
+    ds = load_folder(image_tree, image_size=32)
+    assert ds.train_images.shape == (12, 32, 32, 3)
+
+
+def test_cache_records_what_it_was_built_from(image_tree, tmp_path):
+    ds = load_folder(image_tree)
+    (file,) = (tmp_path / "cache").glob("*.npz")
+    with np.load(file, allow_pickle=False) as z:
+        assert int(z["image_size"]) == 32 and str(z["description"]) == ds.description == "image folder tree (24 JPEG, PNG images)"
+        assert str(z["key"]).startswith("dir:") and tuple(z["class_names"]) == CLASSES
+    assert load_folder(image_tree).description == ds.description  # Read back from the cache.
+
+
+def make_archive(tree, path, extra=(), mode="w:gz"):
+    with tarfile.open(path, mode) as tar:
+        tar.add(tree, arcname="cifar")
+        for name, src in extra:  # addfile keeps the name as written (add would strip a leading "/").
+            info = tarfile.TarInfo(name)
+            info.size = src.stat().st_size
+            with open(src, "rb") as f:
+                tar.addfile(info, f)
+    return path
+
+
+def test_replaced_archive_of_the_same_size_and_mtime_invalidates_the_cache(image_tree, tmp_path):
+    archive = make_archive(image_tree, tmp_path / "a.tar", mode="w")
+    stat = archive.stat()
+    first = load_folder(archive)
+    pixels = np.asarray(Image.open(image_tree / "train" / "airplane" / "0000.png")).copy()
+    pixels[0, 0] = [1, 2, 3]  # One pixel changes; a plain tar pads members to 512 bytes, so its size stays.
+    Image.fromarray(pixels).save(image_tree / "train" / "airplane" / "0000.png")
+    make_archive(image_tree, archive, mode="w")
+    os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert archive.stat().st_size == stat.st_size  # Only the bytes (their sha256) tell the archives apart.
+    second = load_folder(archive)
+    assert first.train_images[0, 0, 0].tolist() != [1, 2, 3] and second.train_images[0, 0, 0].tolist() == [1, 2, 3]
+
+
+def test_truncated_archive_is_a_one_line_error_naming_it(image_tree, tmp_path):
+    archive = make_archive(image_tree, tmp_path / "a.tar.gz")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=f"cannot read {archive}") as e:
+        load_folder(archive, cache=False)
+    assert "\n" not in str(e.value)
+
+
+def test_unsafe_member_names_are_skipped_with_a_warning(image_tree, tmp_path):
+    png = image_tree / "train" / "airplane" / "0000.png"
+    archive = make_archive(image_tree, tmp_path / "a.tar", extra=[("../train/bird/x.png", png), ("/abs/train/bird/y.png", png)])
+    with tarfile.open(archive) as tar:  # tarfile keeps both names as written
+        assert {"../train/bird/x.png", "/abs/train/bird/y.png"} <= set(tar.getnames())
+    with pytest.warns(UserWarning, match=r"skipped 2 member\(s\) named with '\.\.' or an absolute path"):
+        ds = load_folder(archive, cache=False)
+    assert ds.train_images.shape[0] == 12 and np.bincount(ds.train_labels).tolist() == [4, 4, 4]
+    assert not (tmp_path.parent / "train").exists()  # Nothing was extracted.
+
+
+def test_decode_error_names_the_member_and_the_reason_without_a_repr(image_tree, tmp_path):
+    (image_tree / "train" / "bird" / "bad.jpg").write_bytes(b"not an image")
+    archive = make_archive(image_tree, tmp_path / "a.tar.gz")
+    for source, origin in ((image_tree, "train/bird/bad.jpg"), (archive, "cifar/train/bird/bad.jpg")):
+        with pytest.raises(DataError) as e:
+            load_folder(source, cache=False)
+        assert str(e.value) == f"cannot decode {origin} in {source}: cannot identify image file"
