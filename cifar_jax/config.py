@@ -168,7 +168,8 @@ RULES: dict[str, Rule] = {
     "epochs": integer(1),
     "batch_size": integer(1),
     "eval_batch_size": integer(1),
-    "steps_per_dispatch": integer(1),
+    "steps_per_dispatch": integer(0),
+    "loop": choice("auto", "host", "device"),
     "cpu_devices": integer(0),
     "fresh": BOOL,
     "eval_flip": BOOL,
@@ -275,7 +276,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.epochs = 20  # Passes over the training set.
     c.batch_size = 512  # Global batch, summed over devices and hosts; must divide by the device count.
     c.eval_batch_size = 1000  # Test-set batch; memory only, results do not depend on it.
-    c.steps_per_dispatch = 1  # Train steps fused into one compiled call with lax.scan (slow on XLA:CPU).
+    # "host": gather each batch on the host and send it (CPU default); "device": upload the uint8
+    # dataset once and gather/augment/train on the accelerator (GPU/TPU default); "auto" picks by platform.
+    c.loop = "auto"
+    c.steps_per_dispatch = 0  # Train steps per compiled call (host reads metrics once per call); 0 = 1 on CPU, 20 elsewhere.
     # CPU only: split the host into this many JAX devices, so XLA runs the data-parallel shards
     # side by side (2 on 2 cores: 1.27x images/s, docs/benchmarks.md); 0 keeps JAX's default (1).
     c.cpu_devices = 0

@@ -20,10 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
-from cifar_jax import runtime
+from cifar_jax import checkpoints as ckpt
+from cifar_jax import reporting, runtime, train_lib
 from cifar_jax.config import apply_overrides, describe_fields, load_config, validate
+from cifar_jax.data import load_dataset
 from cifar_jax.errors import UserError
 
 
@@ -75,8 +79,6 @@ def _run(args, overrides) -> int:
     workdir = Path(args.workdir)
     if workdir.exists() and not workdir.is_dir():
         raise TrainError(f"--workdir {str(workdir)!r} is a file, not a directory")
-    import jax
-
     runtime.initialize_devices(config)  # Must precede anything that starts a JAX backend.
     validate(config, jax.device_count())
     runtime.enable_compilation_cache()
@@ -115,7 +117,7 @@ class Progress:
 
 @dataclasses.dataclass
 class Run:
-    """What stays fixed for a whole run: data, mesh, compiled steps, sizes."""
+    """What stays fixed for a whole run: data, mesh, how batches reach the device, sizes."""
 
     config: object
     workdir: Path
@@ -124,9 +126,9 @@ class Run:
     std: np.ndarray
     mesh: object
     steps_per_epoch: int
-    train_step: object  # K steps per call (steps_per_dispatch = K)
-    single_step: object  # one step per call (the tail of an epoch when K does not divide it)
-    eval_step: object
+    steps_per_dispatch: int  # K: train steps per compiled call (config 0 = auto: 1 on CPU, 20 on accelerators)
+    feed: object  # HostFeed or DeviceFeed: runs K (or 1) steps from an epoch position
+    evaluate: object  # state -> {"loss", "accuracy", "predictions"} on the test set
     schedule: object
     meta: dict  # saved with every checkpoint
     is_main: bool
@@ -137,11 +139,74 @@ class Run:
             print(*args, **kwargs)
 
 
+class HostFeed:
+    """Gathers each dispatch's batches on the host and sends them (the CPU default: no upload, no scan)."""
+
+    def __init__(self, mesh, dataset, batch_size: int, steps: int, aug: dict, label_smoothing: float):
+        self.mesh, self.dataset, self.batch = mesh, dataset, batch_size
+        self.rows = train_lib.local_rows(batch_size)
+        self.steps = {steps: train_lib.make_train_step(mesh, aug=aug, label_smoothing=label_smoothing, steps_per_dispatch=steps)}
+        if steps != 1:  # The tail of an epoch that K does not divide runs one step at a time.
+            self.steps[1] = train_lib.make_train_step(mesh, aug=aug, label_smoothing=label_smoothing)
+
+    def start_epoch(self, order: np.ndarray) -> None:
+        self.order = order
+
+    def dispatch(self, state, first: int, steps: int, mean, std):
+        """Runs batches first..first+steps-1 of the epoch; returns (state, summed metrics on the device)."""
+        idx = self.order[first * self.batch : (first + steps) * self.batch].reshape(steps, self.batch)[:, self.rows]
+        images, labels = self.dataset.train_images[idx], self.dataset.train_labels[idx]
+        if steps == 1:
+            images, labels = train_lib.global_batch(self.mesh, images[0], labels[0], self.batch)
+        else:
+            images, labels = train_lib.global_batch(self.mesh, images, labels, self.batch, leading=(steps,))
+        return self.steps[steps](state, images, labels, mean, std)
+
+
+class DeviceFeed:
+    """Keeps the uint8 training set on the devices; each dispatch gathers, augments and trains K steps there."""
+
+    def __init__(self, mesh, dataset, batch_size: int, steps: int, aug: dict, label_smoothing: float):
+        self.mesh = mesh
+        self.images = train_lib.replicate(mesh, dataset.train_images)  # Uploaded once for the whole run.
+        self.labels = train_lib.replicate(mesh, dataset.train_labels)
+        make = lambda k: train_lib.make_device_train_chunk(mesh, aug=aug, label_smoothing=label_smoothing, steps=k,
+                                                           batch_size=batch_size)
+        self.steps = {k: make(k) for k in {steps, 1}}
+
+    def start_epoch(self, order: np.ndarray) -> None:
+        self.order = train_lib.replicate(self.mesh, order.astype(np.int32))  # 4 bytes an image, once an epoch.
+
+    def dispatch(self, state, first: int, steps: int, mean, std):
+        return self.steps[steps](state, self.images, self.labels, self.order, np.int32(first), mean, std)
+
+
+def host_evaluator(mesh, dataset, config, mean, std):
+    """Test-set evaluation batch by batch from the host (the CPU default)."""
+
+    step = train_lib.make_eval_step(mesh, flip=config.eval_flip)
+    return lambda state: train_lib.evaluate(step, state, dataset.test_images, dataset.test_labels, mesh,
+                                            config.eval_batch_size, mean, std)
+
+
+def device_evaluator(mesh, dataset, config, mean, std):
+    """Test-set evaluation in one dispatch, the test set uploaded once."""
+
+    xs, ys, masks = train_lib.put_eval_set(mesh, dataset.test_images, dataset.test_labels, config.eval_batch_size)
+    run = train_lib.make_device_evaluate(mesh, flip=config.eval_flip)
+    labels = dataset.test_labels
+
+    def evaluate(state):
+        out = jax.device_get(run(state, xs, ys, masks, mean, std))
+        predictions = out["predictions"].reshape(-1)[: len(labels)]
+        return {"loss": float(out["loss_sum"]) / len(labels), "accuracy": float(np.mean(predictions == labels)),
+                "predictions": predictions}
+
+    return evaluate
+
+
 def train_and_evaluate(config, workdir) -> list[dict]:
     """Trains (or resumes) the run in ``workdir``; returns the per-epoch metrics history."""
-    from cifar_jax import checkpoints as ckpt
-    from cifar_jax.data import load_dataset
-
     workdir = Path(workdir)
     dataset = load_dataset(config.data)
     run, state = setup(config, workdir, dataset)
@@ -165,17 +230,12 @@ def train_and_evaluate(config, workdir) -> list[dict]:
     finally:
         manager.close()
     if run.is_main and config.log.report:
-        from cifar_jax.reporting import build_report
-
-        run.say(f"Report written to {build_report(workdir).path}")
+        run.say(f"Report written to {reporting.build_report(workdir).path}")
     return history
 
 
 def setup(config, workdir: Path, dataset):
     """The fixed parts of a run and a freshly initialised (replicated) train state."""
-    import jax
-
-    from cifar_jax import train_lib
 
     mean, std = dataset.channel_stats()
     n_train = len(dataset.train_labels)
@@ -189,9 +249,10 @@ def setup(config, workdir: Path, dataset):
                                            config.data.image_size)
     aug = dict(crop_padding=config.augment.crop_padding, pad_mode=config.augment.pad_mode, flip=config.augment.flip,
                cutout_size=config.augment.cutout)
-    k, smoothing = config.steps_per_dispatch, config.optim.label_smoothing
-    train_step = train_lib.make_train_step(mesh, aug=aug, label_smoothing=smoothing, steps_per_dispatch=k)
-    single_step = train_step if k == 1 else train_lib.make_train_step(mesh, aug=aug, label_smoothing=smoothing)
+    on_cpu = jax.default_backend() == "cpu"
+    loop = config.loop if config.loop != "auto" else ("host" if on_cpu else "device")
+    k = config.steps_per_dispatch or (1 if on_cpu else 20)  # Scanned steps are slow on XLA:CPU; on a GPU they hide the host.
+    feed_cls, make_evaluator = (HostFeed, host_evaluator) if loop == "host" else (DeviceFeed, device_evaluator)
     meta = {
         "config": config.to_dict(),
         "class_names": list(dataset.class_names),
@@ -200,8 +261,9 @@ def setup(config, workdir: Path, dataset):
         "num_train": n_train,
         "num_test": len(dataset.test_labels),
     }
-    run = Run(config, workdir, dataset, mean, std, mesh, steps_per_epoch, train_step, single_step,
-              train_lib.make_eval_step(mesh, flip=config.eval_flip), train_lib.make_schedule(config.optim, total_steps),
+    run = Run(config, workdir, dataset, mean, std, mesh, steps_per_epoch, k,
+              feed_cls(mesh, dataset, config.batch_size, k, aug, config.optim.label_smoothing),
+              make_evaluator(mesh, dataset, config, mean, std), train_lib.make_schedule(config.optim, total_steps),
               meta, jax.process_index() == 0)
     run.say(f"Data: {getattr(dataset, 'description', config.data.path)}: {n_train} training and "
             f"{len(dataset.test_labels)} test images, {dataset.num_classes} classes")
@@ -210,8 +272,6 @@ def setup(config, workdir: Path, dataset):
 
 def open_workdir(workdir: Path, config, num_classes: int):
     """The workdir's checkpoint manager; refuses, touching nothing, a workdir that holds another model."""
-    from cifar_jax import checkpoints as ckpt
-
     existing = ckpt.checkpoint_dir(workdir)
     if config.fresh and existing.exists():
         shutil.rmtree(existing)  # Only our own files: checkpoints and what is derived from them.
@@ -235,10 +295,6 @@ def open_workdir(workdir: Path, config, num_classes: int):
 
 def restore_or_start(run: Run, manager, state):
     """(state, history, progress) from the newest checkpoint, or the fresh state; writes the run's own files."""
-    import jax
-
-    from cifar_jax import checkpoints as ckpt
-
     history, progress = [], Progress()
     step = manager.latest_step()
     if step is not None:
@@ -258,30 +314,19 @@ def restore_or_start(run: Run, manager, state):
 
 
 def run_epoch(run: Run, state, progress: Progress, stop, manager, history):
-    """Trains the rest of epoch ``progress.epoch``; returns (state, progress, seconds)."""
-    import jax
+    """Trains the rest of epoch ``progress.epoch``, K steps per dispatch; returns (state, progress, seconds).
 
-    from cifar_jax import train_lib
-    from tqdm.auto import tqdm
-
-    config, epoch, n = run.config, progress.epoch, run.steps_per_epoch
-    k, batch = config.steps_per_dispatch, config.batch_size
-    order = train_lib.epoch_order(config.seed, epoch, len(run.dataset.train_labels))
-    rows = train_lib.local_rows(batch)
+    The host reads the metrics once per dispatch: the non-finite check and SIGINT/SIGTERM act at that granularity.
+    """
+    config, epoch, n, k = run.config, progress.epoch, run.steps_per_epoch, run.steps_per_dispatch
+    run.feed.start_epoch(train_lib.epoch_order(config.seed, epoch, len(run.dataset.train_labels)))
     t0 = time.time()
     with tqdm(total=n, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True,
               disable=not (run.is_main and config.log.progress_bar), file=sys.stdout) as bar:
         while progress.step_in_epoch < n:
             i = progress.step_in_epoch
-            steps = k if (k > 1 and i + k <= n) else 1
-            idx = order[i * batch : (i + steps) * batch].reshape(steps, batch)[:, rows]
-            images, labels = run.dataset.train_images[idx], run.dataset.train_labels[idx]
-            if steps == 1:
-                images, labels = train_lib.global_batch(run.mesh, images[0], labels[0], batch)
-                state, metrics = run.single_step(state, images, labels, run.mean, run.std)
-            else:
-                images, labels = train_lib.global_batch(run.mesh, images, labels, batch, leading=(steps,))
-                state, metrics = run.train_step(state, images, labels, run.mean, run.std)
+            steps = k if i + k <= n else 1
+            state, metrics = run.feed.dispatch(state, i, steps, run.mean, run.std)
             metrics = jax.device_get(metrics)
             check_finite(metrics, state, epoch, manager)
             progress.add(metrics, steps)
@@ -295,8 +340,6 @@ def run_epoch(run: Run, state, progress: Progress, stop, manager, history):
 
 def check_finite(metrics: dict, state, epoch: int, manager) -> None:
     """Stops the run (TrainError) at a non-finite loss; nothing after the last good checkpoint is saved."""
-    import jax
-
     if not math.isfinite(float(metrics["loss_sum"])):
         last = manager.latest_step()
         raise TrainError(
@@ -308,17 +351,11 @@ def check_finite(metrics: dict, state, epoch: int, manager) -> None:
 
 def epoch_record(run: Run, state, progress: Progress, train_time: float) -> dict:
     """Evaluates on the test set and returns the epoch's metrics record (also printed)."""
-    import jax
-
-    from cifar_jax import train_lib
-    from cifar_jax.reporting import class_report, format_class_report
-
     t0 = time.time()
-    test = train_lib.evaluate(run.eval_step, state, run.dataset.test_images, run.dataset.test_labels, run.mesh,
-                              run.config.eval_batch_size, run.mean, run.std)
+    test = run.evaluate(state)
     step = int(jax.device_get(state.step))
     names = run.dataset.class_names
-    report = class_report(run.dataset.test_labels, test["predictions"], names)
+    report = reporting.class_report(run.dataset.test_labels, test["predictions"], names)
     record = {
         "epoch": progress.epoch + 1,
         "step": step,
@@ -333,16 +370,12 @@ def epoch_record(run: Run, state, progress: Progress, train_time: float) -> dict
     }
     run.say(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
             f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f} | {record['epoch_time_s']:.1f}s")
-    run.say(format_class_report(report, names) + "\n")
+    run.say(reporting.format_class_report(report, names) + "\n")
     return record
 
 
 def save_and_stop(run: Run, manager, state, history, progress: Progress, signum: int):
     """Saves the current step (unless just saved) and raises Interrupted."""
-    import jax
-
-    from cifar_jax import checkpoints as ckpt
-
     step = int(jax.device_get(state.step))
     if manager.latest_step() != step:
         ckpt.save(manager, state, {**run.meta, "history": history, "progress": dataclasses.asdict(progress)})
@@ -415,7 +448,6 @@ def write_metrics_file(workdir: Path, history: list[dict]) -> None:
 def model_summary(config, num_classes: int) -> str:
     """``nn.tabulate`` table (layer, output shape, parameters) of the config's model on one image, plus the trainable count."""
     import flax.linen as nn
-    import jax
     import jax.numpy as jnp
 
     from cifar_jax.models import build_model

@@ -191,6 +191,74 @@ def make_train_step(mesh, *, aug: dict, label_smoothing: float = 0.0, steps_per_
     )
 
 
+def replicate(mesh, array: np.ndarray) -> jax.Array:
+    """A host array copied whole onto every device of ``mesh`` (every host passes the same array)."""
+    return jax.make_array_from_callback(array.shape, replicated(mesh), lambda index: array[index])
+
+
+def make_device_train_chunk(mesh, *, aug: dict, label_smoothing: float = 0.0, steps: int, batch_size: int):
+    """Compiles ``steps`` train steps whose batches are gathered ON the device from a device-resident dataset.
+
+    ``chunk(state, images, labels, order, first, mean, std) -> (state, metrics)`` with
+    images (N, H, W, 3) uint8 and labels (N,) replicated on every device (``replicate``),
+    order (N,) int32 the epoch's permutation (``epoch_order``), first the index of the
+    chunk's first batch in the epoch. Step i trains on ``order[(first+i)*B : (first+i+1)*B]``,
+    exactly the batch the host loop would feed, and the same ``train_step``; metrics are
+    summed on the device, so the host reads them once per chunk.
+    """
+    single = functools.partial(train_step, aug=aug, label_smoothing=label_smoothing)
+    data = batch_sharded(mesh)
+
+    def chunk(state, images, labels, order, first, mean, std):
+        def body(i, carry):
+            state, sums = carry
+            idx = jax.lax.dynamic_slice(order, ((first + i) * batch_size,), (batch_size,))
+            idx = jax.lax.with_sharding_constraint(idx, data)  # Each device gathers only its rows.
+            state, metrics = single(state, images[idx], labels[idx], mean, std)
+            return state, jax.tree.map(jnp.add, sums, metrics)
+
+        zeros = {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32), "count": jnp.zeros((), jnp.int32)}
+        return jax.lax.fori_loop(0, steps, body, (state, zeros))
+
+    repl = replicated(mesh)
+    return jax.jit(chunk, in_shardings=(repl, repl, repl, repl, repl, repl, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+
+
+def put_eval_set(mesh, images: np.ndarray, labels: np.ndarray, batch_size: int):
+    """Uploads a whole evaluation split once: ((nb, B, H, W, 3) images, (nb, B) labels, (nb, B) mask), sharded over B.
+
+    B is ``batch_size`` rounded up to a multiple of the device count; the last batch is
+    padded with copies of the first image, which the mask excludes.
+    """
+    devices = jax.device_count()
+    b = -(-batch_size // devices) * devices
+    m = len(labels)
+    nb = -(-m // b)
+    pad = nb * b - m
+    x = np.concatenate([images, np.repeat(images[:1], pad, 0)]).reshape(nb, b, *images.shape[1:])
+    y = np.concatenate([labels, np.repeat(labels[:1], pad, 0)]).reshape(nb, b)
+    mask = (np.arange(nb * b) < m).reshape(nb, b)
+    sharding = NamedSharding(mesh, P(None, "data"))
+    put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+    return put(x), put(y), put(mask)
+
+
+def make_device_evaluate(mesh, *, flip: bool = False):
+    """Compiles a whole-split evaluation: ``fn(state, xs, ys, masks, mean, std) -> {"predictions", "loss_sum"}``.
+
+    Inputs from ``put_eval_set``; one dispatch runs every batch (``lax.map``) and returns
+    (nb, B) predicted classes (padding included, drop it on the host) and the summed loss.
+    """
+    repl, data = replicated(mesh), NamedSharding(mesh, P(None, "data"))
+
+    def run(state, xs, ys, masks, mean, std):
+        out = jax.lax.map(lambda b: eval_step(state, b[0], b[1], b[2], mean, std, flip=flip), (xs, ys, masks))
+        return {"predictions": jnp.argmax(out["logits"], -1), "loss_sum": out["loss"].sum()}
+
+    return jax.jit(run, in_shardings=(repl, data, data, data, repl, repl), out_shardings=repl)
+
+
 def make_eval_step(mesh, *, flip: bool = False):
     """Compiles eval_step for ``mesh``; outputs are gathered (replicated) so every host can read them."""
     repl, data = replicated(mesh), batch_sharded(mesh)
