@@ -230,6 +230,10 @@ def cached(model, config: tuple, build: Callable, maxsize: int = 64):
     """``build()`` once per (model, config), LRU. Hashable modules are keyed by value; modules that are
     not (a list-valued field, like flax's example ResNets) by identity, holding a reference."""
     try:
+        hash(config)
+    except TypeError:  # e.g. a dict among apply_kwargs' values: compile without caching
+        return build()
+    try:
         key = (model, config)
         hash(key)
     except TypeError:

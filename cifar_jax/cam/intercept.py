@@ -31,7 +31,10 @@ def module_path(module: nn.Module) -> str:
 
 def eval_kwargs(model: nn.Module) -> dict:
     """Evaluation-mode keywords the module's ``__call__`` accepts: train=False, training=False, deterministic=True."""
-    params = inspect.signature(type(model).__call__).parameters
+    try:
+        params = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        return {}
     defaults = {"train": False, "training": False, "deterministic": True}
     return {k: v for k, v in defaults.items() if k in params}
 
