@@ -1,6 +1,10 @@
 """Grad-CAM images/s: one batched compiled compute_cams call vs a per-image loop (and pytorch-grad-cam if installed).
 
     python benchmarks/cam_throughput.py [--quick] [--n 256] [--workdir runs/resnet18_cpu] [--out r.json]
+    python benchmarks/cam_throughput.py --methods all [--layer layer4]   # every method, batched vs per-image loop
+
+With --methods (names, or "all" for cifar_jax.cam.ALL_METHODS) each method is timed
+through ``cifar_jax.cam.saliency_maps`` on the same images and predicted classes.
 
 With --workdir the trained model of that run explains real test images;
 otherwise a freshly initialised width-16 ResNet18 does. pytorch-grad-cam
@@ -47,6 +51,8 @@ def main():
     p.add_argument("--width", type=int, default=16, help="ResNet18 width when no --workdir is given")
     p.add_argument("--workdir", help="a training run whose best checkpoint to explain")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", nargs="+", help='also time these methods ("all": every one), batched vs per-image loop')
+    p.add_argument("--layer", default="layer4", help="layer the CAM methods explain with --methods")
     args = p.parse_args()
     busy = warn_if_busy(args)
     import jax
@@ -94,6 +100,9 @@ def main():
     ]
     extra = {"batched_over_loop": t_loop / t_batch, "width": width, "n": n, "busy": busy}
 
+    if args.methods:
+        rows += time_methods(args, model, variables, images, np.asarray(compute_cams(model, variables, images).targets))
+
     gc = import_pytorch_grad_cam()
     if gc is None:
         print("pytorch_grad_cam is not importable: skipping the comparison (pip install torch==2.13.0, then "
@@ -131,6 +140,27 @@ def main():
     finish("cam_throughput", args, rows, ["impl", "seconds", "images_per_s", "speedup_vs_loop"], **extra)
     if "agreement" in extra:
         print("agreement with pytorch-grad-cam:", {k: f"{v:.2e}" for k, v in extra["agreement"].items()})
+
+
+def time_methods(args, model, variables, images, targets) -> list[dict]:
+    """One row per method: images/s of one batched call and of a per-image loop (each compiled first)."""
+    import jax
+
+    from cifar_jax import cam
+
+    methods = cam.ALL_METHODS if args.methods == ["all"] else [cam.canonical_method(m) for m in args.methods]
+    key = jax.random.key(0)
+    rows = []
+    for m in methods:
+        run = lambda x, t: jax.block_until_ready(cam.saliency_maps(m, model, variables, x, t, layer=args.layer, key=key))
+        run(images, targets), run(images[:1], targets[:1])  # compile both shapes
+        t_batch, _ = timed(lambda: run(images, targets), args.repeats)
+        t_loop, _ = timed(lambda: [run(images[i : i + 1], targets[i : i + 1]) for i in range(len(images))], args.repeats)
+        n = len(images)
+        rows.append(dict(impl=f"{m} batched (N={n})", seconds=t_batch, images_per_s=n / t_batch, speedup_vs_loop=t_loop / t_batch))
+        rows.append(dict(impl=f"{m} per-image loop", seconds=t_loop, images_per_s=n / t_loop, speedup_vs_loop=1.0))
+        print(f"{m}: {n / t_batch:.1f} images/s batched, {n / t_loop:.1f} per image", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from cifar_jax import download as dl
-from cifar_jax.data import DataError, Dataset, default_cache_dir, reason
+from cifar_jax.dataset import DataError, Dataset, reason
+from cifar_jax.runtime import default_cache_dir
 
 PIXELS = 3 * 32 * 32
 

@@ -9,7 +9,6 @@ so the second run starts in seconds.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -21,52 +20,13 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from cifar_jax.errors import UserError
+from cifar_jax.cifar_binary import load_cifar
+from cifar_jax.dataset import DataError, Dataset, reason, subsample  # noqa: F401  (re-exported: the public data API)
 from cifar_jax.runtime import default_cache_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 SPLITS = ("train", "test")
 SOURCES = ("auto", "folder", "cifar10", "cifar100", "tfds")
-
-
-class DataError(UserError):
-    """Raised for a missing, empty or malformed data source (a one-line message)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """A labelled train/test split held in host memory."""
-
-    train_images: np.ndarray  # (N, H, W, 3) uint8
-    train_labels: np.ndarray  # (N,) int32
-    test_images: np.ndarray  # (M, H, W, 3) uint8
-    test_labels: np.ndarray  # (M,) int32
-    class_names: tuple[str, ...]
-    description: str = ""  # e.g. "CIFAR-10 official binary release (cifar-10-binary.tar.gz)"
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel mean and std of the training images in [0, 1]; two (3,) float32 arrays."""
-        # Accumulated in float64 by chunks so 50k images never need a float copy at once.
-        total = np.zeros(3)
-        total_sq = np.zeros(3)
-        for chunk in np.array_split(self.train_images, max(1, len(self.train_images) // 5000)):
-            x = chunk.reshape(-1, 3).astype(np.float64) / 255.0
-            total += x.sum(0)
-            total_sq += (x * x).sum(0)
-        count = self.train_images.shape[0] * self.train_images.shape[1] * self.train_images.shape[2]
-        mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean * mean, 1e-12))
-        return mean.astype(np.float32), std.astype(np.float32)
-
-
-def reason(e: BaseException) -> str:
-    """``Type: message`` of an exception, first line only (tarfile's ReadError spans several)."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0].rstrip(':')}" if lines else type(e).__name__
 
 
 def load_dataset(data_config) -> Dataset:
@@ -92,7 +52,6 @@ def load_dataset(data_config) -> Dataset:
             raise DataError("data.path is empty: give an image-folder tree or a .tar.gz of one")
         ds = load_folder(path, image_size=data_config.image_size, cache=data_config.cache)
     elif source in ("cifar10", "cifar100"):
-        from cifar_jax.cifar_binary import load_cifar
 
         ds = load_cifar(
             source, path=path, label_mode=getattr(data_config, "label_mode", "fine"),
@@ -104,25 +63,6 @@ def load_dataset(data_config) -> Dataset:
     else:
         raise DataError(f"unknown data.source {source!r}; choose one of {', '.join(SOURCES)}")
     return subsample(ds, data_config.max_train, data_config.max_test)
-
-
-def subsample(ds: Dataset, max_train: int = 0, max_test: int = 0) -> Dataset:
-    """Keeps at most ``max_train``/``max_test`` images, interleaving classes so every class appears."""
-
-    def take(images, labels, limit):
-        if not limit or limit >= len(labels):
-            return images, labels
-        # Rank each image within its class and keep the lowest ranks: a balanced, deterministic subset.
-        order = np.argsort(labels, kind="stable")
-        rank = np.empty_like(order)
-        starts = np.searchsorted(labels[order], labels[order])
-        rank[order] = np.arange(len(order)) - starts
-        keep = np.sort(np.lexsort((labels, rank))[:limit])
-        return images[keep], labels[keep]
-
-    tr_x, tr_y = take(ds.train_images, ds.train_labels, max_train)
-    te_x, te_y = take(ds.test_images, ds.test_labels, max_test)
-    return Dataset(tr_x, tr_y, te_x, te_y, ds.class_names, ds.description)
 
 
 # --------------------------------------------------------------------------- folder

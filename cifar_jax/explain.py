@@ -26,8 +26,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m cifar_jax.explain", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="training workdir with checkpoints")
     p.add_argument("--images", nargs="+", metavar="PATH", help="explain these image files instead of test images")
-    p.add_argument("--method", default="gradcam", help=f"one of {', '.join(METHOD_LABELS)} (any spelling, e.g. guided_grad_cam; default gradcam)")
-    p.add_argument("--layer", default="layer4", help="module to explain: layer1..layer4 (default layer4)")
+    p.add_argument("--method", default="gradcam", help=f"one of {', '.join(METHOD_LABELS)} (any spelling, e.g. guided_grad_cam, Grad-CAM++; default gradcam)")
+    p.add_argument("--layer", default="layer4", help="module path to explain, e.g. layer4, layer3/block0, layer3/block0/conv2 (default layer4; see --list-layers)")
+    p.add_argument("--list-layers", action="store_true", help="print the model's module paths and output shapes, then exit")
     p.add_argument("--target", help="class name or index to explain (default: the predicted class)")
     p.add_argument("--num", type=int, default=20, help="misclassified test images to show (default 20)")
     p.add_argument("--out", help="output folder (default DIR/explain)")
@@ -56,6 +57,11 @@ def _run(args) -> int:
         raise ExplainError(f"--num must be positive, got {args.num}")
     runtime.enable_compilation_cache()
     trained = inference.load_trained(args.workdir, args.step)
+    if args.list_layers:
+        from cifar_jax.cam import format_layers
+
+        print(format_layers(inference.list_layers(trained)))
+        return 0
     inference.check_layer(trained, args.layer)
     target = inference.class_index(args.target, trained.class_names)
     print(f"Model: step {trained.step} of {args.workdir} ({trained.config.model.name} width {trained.config.model.width}"

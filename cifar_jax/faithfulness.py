@@ -417,7 +417,7 @@ def _replace_groups(variables, fresh, groups) -> dict:
 def _maps_in_batches(model, variables, images, targets, *, method, layer, batch_size):
     """CAM maps (N, H, W) computed batch_size images at a time."""
     parts = [
-        cam.compute_cams(model, variables, images[i : i + batch_size], targets[i : i + batch_size], method=method, layer=layer).maps
+        cam.saliency_maps(method, model, variables, images[i : i + batch_size], targets[i : i + batch_size], layer=layer)
         for i in range(0, images.shape[0], batch_size)
     ]
     return jnp.concatenate(parts)
@@ -478,7 +478,7 @@ def _saliency(name, model, variables, images, targets, key, layer):
         return random_saliency(key, images.shape[:3])
     if name == "gaussian":
         return gaussian_saliency(images.shape[:3])
-    return cam.compute_cams(model, variables, images, targets, method=name, layer=layer).maps
+    return cam.saliency_maps(name, model, variables, images, targets, layer=layer, key=key)
 
 
 def evaluate_methods(

@@ -29,10 +29,13 @@ from cifar_jax.augment import normalize
 from cifar_jax.errors import UserError
 from cifar_jax.models import EvalLogits, build_model, eval_logits
 
-# CAM methods plus the two guided ones, by canonical (CLI) name, with their display names.
+# Display names of every method in cam.ALL_METHODS (canonical names, as the CLI takes them).
 METHOD_LABELS = {
     "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "hirescam": "HiResCAM",
-    "layercam": "LayerCAM", "scorecam": "Score-CAM", "eigencam": "EigenCAM",
+    "layercam": "LayerCAM", "scorecam": "Score-CAM", "eigencam": "EigenCAM", "ablationcam": "Ablation-CAM",
+    "eigengradcam": "EigenGrad-CAM", "gradcam-elementwise": "Grad-CAM element-wise", "fullgrad": "FullGrad",
+    "gradients": "Gradients", "input-x-gradient": "Input x gradient", "integrated-gradients": "Integrated Gradients",
+    "smoothgrad": "SmoothGrad", "occlusion": "Occlusion",
     "guided-gradcam": "Guided Grad-CAM", "guided-backprop": "Guided backprop",
 }
 GUIDED_METHODS = ("guided-gradcam", "guided-backprop")
@@ -45,13 +48,14 @@ class ExplainError(UserError):
 
 
 def canonical_method(name: str) -> str:
-    """Accepts any spelling of a method (``guided_grad_cam``, ``Guided-GradCAM``, ``grad_cam``) -> its CLI name."""
-    squash = lambda s: s.lower().replace("_", "").replace("-", "")
-    by_squashed = {squash(m): m for m in METHOD_LABELS}
-    by_squashed.update({"guidedgradcam": "guided-gradcam", "guidedbackpropagation": "guided-backprop"})
-    if squash(name) not in by_squashed:
-        raise ExplainError(f"unknown method {name!r}; choose one of {', '.join(METHOD_LABELS)}")
-    return by_squashed[squash(name)]
+    """Any spelling of a method (``guided_grad_cam``, ``Grad-CAM++``, ``grad_cam``) -> its name in ``cam.ALL_METHODS``.
+
+    Raises ExplainError (one line, with close matches) for an unknown name.
+    """
+    try:
+        return cam.canonical_method(name)
+    except ValueError as e:
+        raise ExplainError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,16 +182,20 @@ class Explanation(NamedTuple):
 
 
 def explain(trained: TrainedModel, images, targets=None, *, method="gradcam", layer="layer4",
-            aug_smooth=False, eigen_smooth=False) -> Explanation:
-    """Explains (N, H, W, 3) uint8 images at the model's size.
+            aug_smooth=False, eigen_smooth=False, key=None) -> Explanation:
+    """Explains (N, H, W, 3) uint8 images at the model's size with any method of ``cam.ALL_METHODS``.
 
     ``targets``: None (each image's class under THE predictor), an int or an (N,) array.
+    ``layer``: any module path (``list_layers``); ``key``: PRNG key of SmoothGrad's noise.
     """
     method = canonical_method(method)
     if targets is None:
         targets = np.asarray(trained.logits(images)).argmax(-1)
     targets = np.broadcast_to(np.asarray(targets, np.int32), (len(images),))
     x = normalize(images, trained.mean, trained.std)
+    if method not in (*cam.CAM_METHODS, "fullgrad", *GUIDED_METHODS):  # Pixel attributions: gradients, IG, occlusion...
+        maps = cam.saliency_maps(method, trained.model, trained.variables, x, jnp.asarray(targets), layer=layer, key=key)
+        return Explanation(np.asarray(maps), targets, None, method, layer)
     cam_method = "gradcam" if method in GUIDED_METHODS else method
     cams = cam.compute_cams(trained.model, trained.variables, x, targets, method=cam_method, layer=layer,
                             aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
@@ -200,10 +208,19 @@ def explain(trained: TrainedModel, images, targets=None, *, method="gradcam", la
     return Explanation(np.asarray(cams.maps), targets, guided, method, layer)
 
 
+def list_layers(trained: TrainedModel) -> list[tuple[str, Any]]:
+    """[(module path, output shape)] of every module a CAM can explain, for one image (nothing is computed)."""
+    size = trained.config.data.image_size
+    return cam.list_layers(trained.model, trained.variables, jnp.zeros((1, size, size, 3), jnp.float32))
+
+
 def check_layer(trained: TrainedModel, layer: str) -> None:
-    """Raises ExplainError (one line) unless ``layer`` names a module the CAMs can explain."""
-    if layer not in cam.CAM_LAYERS:
-        raise ExplainError(f"unknown layer {layer!r}; choose one of {', '.join(cam.CAM_LAYERS)}")
+    """Raises ExplainError (one line, with close matches) unless ``layer`` is a module path of the model."""
+    from cifar_jax.cam.intercept import unknown_layer_message
+
+    paths = [p for p, _ in list_layers(trained)]
+    if layer not in paths:
+        raise ExplainError(unknown_layer_message(layer, paths))
 
 
 def class_index(target: str | int | None, class_names) -> int | None:

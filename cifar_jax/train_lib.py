@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cifar_jax.augment import augment_batch, normalize
-from cifar_jax.models import build_model, eval_logits  # noqa: F401  (build_model: part of this module's API)
+from cifar_jax.models import build_model, eval_logits  # noqa: F401  (build_model is part of this module's API)
 
 
 class TrainState(train_state.TrainState):

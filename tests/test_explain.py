@@ -120,3 +120,22 @@ def test_evaluate_writes_a_faithfulness_table(smoke_workdir, tmp_path, capsys):
     assert "cascading randomisation" in out and "head+layer4" in table
     record = __import__("json").loads((tmp_path / "faithfulness.json").read_text())
     assert record["num_images"] == 8 and len(record["rows"]) == 4 and record["cascade"][0]["spearman"] > 0.99
+
+
+def test_list_layers_and_any_module_path(smoke_workdir, tmp_path, capsys):
+    rc, out, err = run(capsys, "--workdir", smoke_workdir, "--list-layers")
+    assert rc == 0, err
+    assert "layer3/block0/conv2" in out and "(1, 8, 8, 16)" in out  # width 4: layer3 has 16 channels at 8x8
+    rc, out, err = run(capsys, "--workdir", smoke_workdir, "--num", 2, "--out", tmp_path, "--layer", "layer3/block0/conv2")
+    assert rc == 0, err
+    assert "at layer3/block0/conv2" in out and np.load(tmp_path / "maps.npz")["maps"].shape == (2, 32, 32)
+    rc, _, err = run(capsys, "--workdir", smoke_workdir, "--layer", "layer3/block0/conv9")
+    assert rc == 2 and "close matches: layer3/block0/conv2" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "Ablation-CAM", "fullgrad"])
+def test_methods_beyond_the_original_family(smoke_workdir, tmp_path, capsys, method):
+    rc, out, err = run(capsys, "--workdir", smoke_workdir, "--num", 2, "--out", tmp_path, "--method", method)
+    assert rc == 0, err
+    maps = np.load(tmp_path / "maps.npz")["maps"]
+    assert maps.shape == (2, 32, 32) and maps.min() >= 0 and maps.max() <= 1 and maps.std() > 0
