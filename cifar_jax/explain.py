@@ -155,4 +155,4 @@ def evaluate(trained, args, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

@@ -249,30 +249,37 @@ def test_workdir_that_is_a_regular_file_is_left_alone(tmp_path, capsys, cifar_ar
 
 def _wait_until_open(proc: subprocess.Popen, target: Path, timeout: float = 60.0) -> None:
     """Waits until ``proc`` has ``target`` open (so it is past its imports and reading data)."""
-    target = str(target.resolve())
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "the command ended before it opened " + target
-        try:
-            for fd in os.listdir(f"/proc/{proc.pid}/fd"):
-                try:
-                    if os.readlink(f"/proc/{proc.pid}/fd/{fd}") == target:
-                        return
-                except OSError:
-                    pass
-        except OSError:
-            pass
+    while not _has_open(proc, target):
+        assert proc.poll() is None, f"the command ended before it opened {target}"
+        assert time.time() < deadline, f"{target} was never opened"
         time.sleep(0.05)
-    raise AssertionError(f"{target} was never opened")
 
 
-def _interrupt(proc: subprocess.Popen, timeout: float = 60.0):
-    """SIGINT, repeated every 5 s until the process ends (JAX's C++ may hold the first one back)."""
+def _has_open(proc: subprocess.Popen, target: Path) -> bool:
+    target = str(target.resolve())
+    try:
+        for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{proc.pid}/fd/{fd}") == target:
+                    return True
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return False
+
+
+def _interrupt(proc: subprocess.Popen, timeout: float = 90.0):
+    """SIGINT, repeated every 30 s until the process ends (JAX's C++ may hold the first one back).
+
+    Not sooner: a second Ctrl-C while the process is already exiting is another test.
+    """
     deadline = time.time() + timeout
     while True:
         proc.send_signal(signal.SIGINT)
         try:
-            out, err = proc.communicate(timeout=5)
+            out, err = proc.communicate(timeout=30)
             return proc.returncode, out, err
         except subprocess.TimeoutExpired:
             if time.time() > deadline:
@@ -301,6 +308,39 @@ def test_ctrl_c_while_loading_data_exits_130_without_traceback_or_partial_files(
     leftovers = [str(p) for p in cache.rglob("*")] if cache.exists() else []
     assert not [p for p in leftovers if ".tmp" in p or p.endswith(".npz")], leftovers
     assert not workdir.exists()  # no checkpoint, no metrics: nothing half-made
+
+
+def test_ctrl_c_while_building_the_model_and_compiling_exits_130(smoke_workdir, cifar_archive, tmp_path):
+    """With the data cached (by smoke_workdir), the signal lands while the state is initialised and compiled."""
+    from cifar_jax.runtime import default_cache_dir
+
+    caches = sorted(default_cache_dir().glob("*.npz"))
+    assert caches, "smoke_workdir should have cached the decoded archive"
+    workdir = tmp_path / "w"
+    proc = _popen("cifar_jax.train", "--config", "experiments/smoke.py", "--workdir", str(workdir),
+                  f"--config.data.path={cifar_archive}", "--config.log.progress_bar=false",
+                  env={"CIFAR_JAX_NO_COMPILE_CACHE": "1", "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 60
+    while not any(_has_open(proc, c) for c in caches):
+        assert proc.poll() is None and time.time() < deadline, "the cached data was never opened"
+        time.sleep(0.05)
+    time.sleep(1.5)
+    t0 = time.time()
+    rc, out, err = _interrupt(proc)
+    # Before the fix: 20 s after the message, SIGSEGV (-11) in the teardown, XLA still compiling.
+    assert time.time() - t0 < 15, time.time() - t0
+    print(f"compile-phase interrupt: {err.strip()!r}")
+    assert "epoch 1:" not in out, out  # no epoch finished
+    assert rc == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and ("interrupted" in lines[0] or "SIGINT: saved step" in lines[0]), err
+    if "SIGINT: saved step" in err:  # the signal came once the loop had started: it saved a checkpoint that loads
+        from cifar_jax.checkpoints import load_trained
+
+        assert load_trained(workdir, "latest").step >= 1
+    elif (workdir / "checkpoints").exists():
+        assert not [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
 
 
 def test_ctrl_c_while_building_the_report_keeps_the_old_report(smoke_workdir, cifar_archive, tmp_path):
