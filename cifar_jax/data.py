@@ -200,18 +200,22 @@ def _save_npz(file: Path, ds: Dataset, key: str, image_size: int) -> None:
     """Writes the arrays plus what they were built from (source description, content key, image size)."""
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(
-        tmp,
-        train_images=ds.train_images,
-        train_labels=ds.train_labels,
-        test_images=ds.test_images,
-        test_labels=ds.test_labels,
-        class_names=np.array(ds.class_names, dtype=np.str_),
-        description=np.array(ds.description),
-        key=np.array(key),
-        image_size=np.array(image_size),
-    )
-    os.replace(tmp, file)  # Atomic: a concurrent or killed run never sees half a cache file.
+    try:
+        np.savez(
+            tmp,
+            train_images=ds.train_images,
+            train_labels=ds.train_labels,
+            test_images=ds.test_images,
+            test_labels=ds.test_labels,
+            class_names=np.array(ds.class_names, dtype=np.str_),
+            description=np.array(ds.description),
+            key=np.array(key),
+            image_size=np.array(image_size),
+        )
+        os.replace(tmp, file)  # Atomic: a concurrent or killed run never sees half a cache file.
+    except BaseException:  # Ctrl-C or a full disk mid-write: leave no half-written temporary file behind.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _load_npz(file: Path, key: str, image_size: int) -> Dataset | None:

@@ -120,22 +120,25 @@ def explain_files(trained, args, method: str, target, out: Path) -> int:
     failed = 0
     for path, stem in zip(map(Path, args.images), image_io.output_stems(args.images)):
         try:
-            original = image_io.read_image(path)
+            loaded = image_io.load_image(path, image_io.MAX_SIDE)  # At most MAX_SIDE pixels a side: bounded memory.
         except image_io.ImageError as e:
             print(f"error: {e.message}", file=sys.stderr)
             failed += 1
             continue
+        original = loaded.pixels
         small = image_io.resize(original, size)
         expl = inference.explain(trained, small[None], target, method=method, layer=args.layer,
                                  aug_smooth=args.aug_smooth, eigen_smooth=args.eigen_smooth)
         probs = np.asarray(jax.nn.softmax(trained.logits(small[None])))[0]
         h, w = original.shape[:2]
-        cam_full = np.asarray(jax.image.resize(jnp.asarray(expl.maps[0]), (h, w), "linear"))
+        cam_full = np.asarray(jax.image.resize(jnp.asarray(expl.maps[0], jnp.float32), (h, w), "linear"))
         viz.save_png(out / f"{stem}_{method}.png", viz.heatmap_overlay(original, cam_full, args.alpha))
+        del cam_full
         picture = viz.explanation_pictures(small[None], expl, args.alpha)[0]
         viz.save_png(out / f"{stem}_{method}_{size}px.png", viz.upscale_nearest(picture, max(1, 128 // size)))
         ranking = ", ".join(f"{names[c]} {probs[c]:.3f}" for c in np.argsort(-probs)[:3])
-        print(f"{path}: {ranking} | {METHOD_LABELS[method]} for {names[int(expl.targets[0])]} -> {out / f'{stem}_{method}.png'}")
+        drawn = f" (drawn at {w}x{h} of {loaded.original_size[0]}x{loaded.original_size[1]})" if loaded.shrunk else ""
+        print(f"{path}: {ranking} | {METHOD_LABELS[method]} for {names[int(expl.targets[0])]} -> {out / f'{stem}_{method}.png'}{drawn}")
     return failed
 
 
@@ -158,4 +161,4 @@ def evaluate(trained, args, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

@@ -35,6 +35,22 @@ class Report(NamedTuple):
     misclassified: np.ndarray  # indices drawn in the grids, highest loss first
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``.
+
+    A crash or Ctrl-C at any moment leaves either the old file or the new one, never half of
+    one; the temporary file is removed if the write does not complete.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def read_history(workdir) -> list[dict]:
     """The per-epoch records of ``metrics.jsonl`` (empty if there is none)."""
     path = Path(workdir) / "metrics.jsonl"
@@ -172,9 +188,10 @@ def build_report(workdir, data_path: str | None = None, num_images: int = 20, st
                        title="Grad-CAM (layer4, predicted class) over misclassified test images")
     report = class_report(ds.test_labels, preds.predicted, names)
     per_epoch = [f"## Epoch {r['epoch']}\n\n" + format_report_table(r["classification_report"], names) for r in history]
-    (workdir / "classification_reports.md").write_text("# Per-epoch classification reports (test set)\n\n" + "\n\n".join(per_epoch) + "\n")
+    write_text_atomic(workdir / "classification_reports.md",
+                      "# Per-epoch classification reports (test set)\n\n" + "\n\n".join(per_epoch) + "\n")
     path = workdir / "REPORT.md"
-    path.write_text(_report_text(trained, history, ds, preds, worst, report))
+    write_text_atomic(path, _report_text(trained, history, ds, preds, worst, report))
     return Report(path, preds, worst)
 
 

@@ -462,4 +462,4 @@ def model_summary(config, num_classes: int) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())
