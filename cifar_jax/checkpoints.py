@@ -300,7 +300,8 @@ def candidate_steps(manager, workdir, which: int | str) -> list[int]:
     """The saved steps to try for ``which``, in order of preference. Raises CheckpointError.
 
     "latest": newest first. "best": by test accuracy in the run's history (ties: the later; the history
-    of the newest readable meta), then the unscored steps newest first. An int: only that step.
+    of the newest readable meta), then the unscored steps newest first; steps newer than that meta
+    (their meta is unreadable, so they are damaged) come first, to be reported. An int: only that step.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -308,16 +309,16 @@ def candidate_steps(manager, workdir, which: int | str) -> list[int]:
     if which == "latest":
         return steps
     if which == "best":
-        history = []
+        history, unreadable = [], []
         for s in steps:
             try:
                 history = read_meta(manager, s).get("history", [])
                 break
             except Exception:
-                continue  # Damaged; check_step will say so if it is tried.
+                unreadable.append(s)  # Cannot be ranked; tried first so that load_intact reports it as damaged.
         scored = sorted((r for r in history if r["step"] in steps), key=lambda r: (r["test_accuracy"], r["step"]), reverse=True)
         ranked = list(dict.fromkeys(r["step"] for r in scored))
-        return ranked + [s for s in steps if s not in ranked]
+        return unreadable + ranked + [s for s in steps if s not in ranked and s not in unreadable]
     try:
         step = int(which)
     except (TypeError, ValueError):
