@@ -3,17 +3,29 @@
 A workdir holds ``checkpoints/<step>/`` with two items: ``state`` (params,
 batch_stats, opt_state, step, PRNG key data; arrays via tensorstore, no
 pickle) and ``meta`` (JSON: config, class names, normalisation, metrics
-history, partial-epoch progress). Orbax writes each step to a temporary
-directory and renames it when complete, so a crash mid-save never leaves a
-checkpoint that loads as valid.
+history, partial-epoch progress, and a sha256 of each top-level state item).
+Orbax writes each step to a temporary directory and renames it when complete,
+so a crash mid-save never leaves a checkpoint that loads as valid.
+
+Every restore goes through ``load_intact``: a step whose files cannot be read or
+whose arrays do not match their saved checksums is *damaged*; it is reported in
+one warning line and the next candidate (older, or next best) is used instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import hashlib
 import json
+import os
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -21,6 +33,11 @@ from cifar_jax.errors import UserError
 
 # Fields that decide the shapes of a checkpoint; a mismatch is an "incompatible workdir".
 SHAPE_FIELDS = (("model", "name"), ("model", "width"), ("data", "image_size"))
+# Config fields (dotted; a trailing "." is a whole group) that may differ when resuming: they change
+# neither the data, its order, the schedule nor the optimizer. The execution fields (cpu_devices,
+# distributed.*, steps_per_dispatch) give the same computation up to float rounding, not bitwise.
+RESUMABLE_FIELDS = ("log.", "checkpoint.", "distributed.", "cpu_devices", "steps_per_dispatch", "eval_batch_size",
+                    "fresh", "data.path", "data.cache", "data.download", "data.url")
 
 
 class CheckpointError(UserError):
@@ -76,28 +93,76 @@ def tree_to_state(template, tree: dict):
     )
 
 
+def _host_array(x) -> np.ndarray:
+    """A leaf as a numpy array; on several hosts from this host's copy of the (replicated) array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError("checksums need fully replicated arrays")
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(jax.device_get(x))
+
+
+def tree_checksums(tree: dict) -> dict[str, str]:
+    """``{item: sha256 hex}`` for each top-level item of ``tree``, over dtype, shape and bytes of its leaves in tree order."""
+    sums = {}
+    for name in sorted(tree):
+        h = hashlib.sha256()
+        for leaf in jax.tree.leaves(tree[name]):
+            a = np.ascontiguousarray(_host_array(leaf))
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        sums[name] = h.hexdigest()
+    return sums
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+
+
+def _disk_error(e: BaseException) -> tuple[int, str] | None:
+    """(errno, the OS's words and where) for a write failure anywhere in ``e``'s chain, or None if it is not one."""
+    seen = e
+    for _ in range(8):  # Orbax may wrap the OSError; follow the chain a few links.
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+            return seen.errno, f"{os.strerror(seen.errno)}" + (f" ({seen.filename})" if seen.filename else "")
+        text = " ".join(str(seen).split())  # TensorStore reports write failures as ValueError/RuntimeError text.
+        for code in DISK_ERRNOS:
+            if os.strerror(code) in text:
+                return code, f"{os.strerror(code)} ({text[:160]})"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def save(manager, state, meta: dict, metrics: dict | None = None) -> int:
-    """Saves state and JSON meta at ``state.step``; ``metrics`` (with test_accuracy) ranks best checkpoints."""
+    """Saves state and JSON meta (plus the state's checksums) at ``state.step``; ``metrics`` ranks best checkpoints.
+
+    A disk error (full, quota, read-only, I/O) is a one-line CheckpointError naming the last good step.
+    """
     step = int(jax.device_get(state.step))
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_to_tree(state)),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        metrics=metrics,
-        force=True,
-    )
-    manager.wait_until_finished()
+    tree = state_to_tree(state)
+    last = manager.latest_step()
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree),
+                meta=ocp.args.JsonSave({**meta, "checksums": tree_checksums(tree)}),
+            ),
+            metrics=metrics,
+            force=True,
+        )
+        manager.wait_until_finished()
+    except Exception as e:
+        disk = _disk_error(e)
+        if disk is None:
+            raise
+        code, why = disk
+        good = "none" if last is None else f"step {last}"
+        fix = "free space" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix the disk"
+        raise CheckpointError(f"cannot save checkpoint step {step}: {why}; the last good checkpoint is {good}; "
+                              f"{fix} and run the same command to resume") from None
     return step
-
-
-def best_step(manager) -> int:
-    """The saved step with the highest test accuracy in the run's history (the latest if none was evaluated)."""
-    steps = list(manager.all_steps())
-    history = read_meta(manager, steps[-1]).get("history", [])
-    scored = [r for r in history if r["step"] in steps]
-    return max(scored, key=lambda r: (r["test_accuracy"], r["step"]))["step"] if scored else steps[-1]  # Ties: the later, as BestN keeps.
 
 
 def read_meta(manager, step: int) -> dict:
@@ -105,23 +170,51 @@ def read_meta(manager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def restore_state(manager, step: int, template):
-    """Restores step into a TrainState shaped and sharded like ``template``."""
+def restore_tree(manager, step: int, template) -> dict:
+    """Restores the whole state tree of ``step`` shaped and sharded like the TrainState ``template``."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_to_tree(template))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return tree_to_state(template, restored["state"])
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
 
-def describe_mismatch(saved_config: dict, config, num_classes: int, saved_num_classes: int) -> str | None:
-    """Says what makes a saved run incompatible with ``config``, or None if compatible."""
-    diffs = []
-    for group, field in SHAPE_FIELDS:
-        old, new = saved_config[group][field], config[group][field]
-        if old != new:
-            diffs.append(f"{group}.{field} {old!r} -> {new!r}")
+def restore_state(manager, step: int, template):
+    """Restores step into a TrainState shaped and sharded like ``template`` (unverified; prefer ``load_intact``)."""
+    return tree_to_state(template, restore_tree(manager, step, template))
+
+
+def describe_mismatch(saved_config: dict, config, num_classes: int, saved_num_classes: int,
+                      saved_meta: dict | None = None, meta: dict | None = None) -> str | None:
+    """Why a run saved with ``saved_config`` cannot go on with ``config`` (a phrase after "workdir DIR"), or None.
+
+    Shape fields or the class count -> "another model"; any other field outside ``RESUMABLE_FIELDS``, or
+    data that differs from what was trained on (``saved_meta`` vs ``meta``: sizes, classes, channel
+    statistics) -> "a different config".
+    """
+    old, new = _flat(saved_config), _flat(json.loads(json.dumps(config.to_dict())))
+    resumable = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUMABLE_FIELDS)
+    changed = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and not resumable(k)]
+    diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in changed]
+    shape = saved_num_classes != num_classes or any(".".join(f) in changed for f in SHAPE_FIELDS)
     if saved_num_classes != num_classes:
         diffs.append(f"num_classes {saved_num_classes} -> {num_classes}")
-    return ", ".join(diffs) or None
+    if saved_meta and meta and not diffs:
+        for key in ("num_train", "num_test", "class_names", "mean", "std"):
+            if key in saved_meta and saved_meta[key] != meta.get(key):
+                diffs.append(f"data at data.path differs from the data trained on ({key})")
+                break
+    if not diffs:
+        return None
+    if shape:
+        return (f"holds a checkpoint of another model ({', '.join(diffs)}); "
+                "use another --workdir, or --config.fresh=True to start over there")
+    return (f"was trained with a different config ({', '.join(diffs)}); "
+            "use the same config to resume, another --workdir, or --config.fresh=True")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def restore_variables(manager, step: int, abstract: dict) -> dict:
@@ -143,22 +236,132 @@ def restore_variables(manager, step: int, abstract: dict) -> dict:
     return {"params": restored["params"], "batch_stats": restored["batch_stats"]}
 
 
-def resolve_step(manager, workdir, step: int | str) -> int:
-    """"best" (highest test accuracy), "latest" or an int -> a saved step. Raises CheckpointError."""
-    steps = manager.all_steps()
+class DamagedCheckpoint(Exception):
+    """Internal: one step cannot be used; ``reason`` says which part and why (one line)."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"checkpoint step {step} is damaged ({reason})")
+        self.step, self.reason = step, reason
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What ``load_intact`` found: the step used, its meta, the restored (verified) tree, the damaged steps passed over."""
+
+    step: int
+    meta: dict
+    tree: dict
+    damaged: list  # [DamagedCheckpoint], newest/best first
+
+
+def _short(e: BaseException) -> str:
+    """A one-line reason from an orbax/tensorstore/json exception (they run to many lines)."""
+    if isinstance(e, FileNotFoundError):
+        name = e.filename or str(e).removeprefix("File ").removesuffix(" not found.")
+        return f"missing file {Path(name).name}"
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON ({e.msg})"
+    if isinstance(e, KeyError) and "was not found in the checkpoint" in str(e):
+        return "directory missing"
+    while e.__cause__ is not None or (e.__context__ is not None and "See full TensorStore details" in str(e)):
+        e = e.__cause__ or e.__context__  # TensorStore's own error names the array and the byte range.
+    text = " ".join(str(e).split()).split(" See full TensorStore details")[0]
+    return text[:200]
+
+
+def check_step(manager, step: int, restore: Callable[[int, dict], dict]) -> tuple[dict, dict]:
+    """(meta, tree) of ``step`` if it reads and matches its checksums; else raises DamagedCheckpoint.
+
+    ``restore(step, meta)`` restores the items wanted (e.g. the whole state, or params and batch_stats);
+    each restored top-level item is compared with the checksum saved for it. Checkpoints written before
+    checksums existed are accepted on a clean read alone.
+    """
+    try:
+        meta = read_meta(manager, step)
+    except Exception as e:
+        raise DamagedCheckpoint(step, f"meta/metadata: {_short(e)}") from None
+    missing = [k for k in ("config", "class_names", "mean", "std") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DamagedCheckpoint(step, f"meta/metadata: lacks {', '.join(missing)}")
+    try:
+        tree = restore(step, meta)
+    except Exception as e:
+        raise DamagedCheckpoint(step, f"state/: {_short(e)}") from None
+    expected = meta.get("checksums")
+    if expected is not None:
+        actual = tree_checksums(tree)
+        bad = [k for k in sorted(actual) if expected.get(k) != actual[k]]
+        if bad:
+            raise DamagedCheckpoint(step, f"state/: sha256 mismatch in {', '.join(bad)}")
+    return meta, tree
+
+
+def candidate_steps(manager, workdir, which: int | str) -> list[int]:
+    """The saved steps to try for ``which``, in order of preference. Raises CheckpointError.
+
+    "latest": newest first. "best": by test accuracy in the run's history (ties: the later; the history
+    of the newest readable meta), then the unscored steps newest first; steps newer than that meta
+    (their meta is unreadable, so they are damaged) come first, to be reported. An int: only that step.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise CheckpointError(f"workdir {str(workdir)!r} has no complete checkpoint")
-    if step == "best":
-        return best_step(manager)
-    if step == "latest":
-        return steps[-1]
+    if which == "latest":
+        return steps
+    if which == "best":
+        history, unreadable = [], []
+        for s in steps:
+            try:
+                history = read_meta(manager, s).get("history", [])
+                break
+            except Exception:
+                unreadable.append(s)  # Cannot be ranked; tried first so that load_intact reports it as damaged.
+        scored = sorted((r for r in history if r["step"] in steps), key=lambda r: (r["test_accuracy"], r["step"]), reverse=True)
+        ranked = list(dict.fromkeys(r["step"] for r in scored))
+        return unreadable + ranked + [s for s in steps if s not in ranked and s not in unreadable]
     try:
-        step = int(step)
+        step = int(which)
     except (TypeError, ValueError):
-        raise CheckpointError(f"step must be best, latest or a step number, not {step!r}") from None
+        raise CheckpointError(f"step must be best, latest or a step number, not {which!r}") from None
     if step not in steps:
-        raise CheckpointError(f"no checkpoint at step {step} in {str(workdir)!r}; saved steps: {list(steps)}")
-    return step
+        raise CheckpointError(f"no checkpoint at step {step} in {str(workdir)!r}; saved steps: {sorted(steps)}")
+    return [step]
+
+
+def load_intact(manager, workdir, which: int | str, restore: Callable[[int, dict], dict], warn: bool = True) -> Loaded:
+    """THE way to load a checkpoint: the first intact step among ``candidate_steps(which)``.
+
+    Each damaged step passed over is reported on stderr in one line (``warning: checkpoint step 16 is
+    damaged (...); using step 8``) when ``warn``; nothing is deleted or moved. Raises a one-line
+    CheckpointError if no candidate is intact (for an explicit step number: if that step is damaged).
+    """
+    damaged = []
+    for step in candidate_steps(manager, workdir, which):
+        try:
+            meta, tree = check_step(manager, step, restore)
+        except DamagedCheckpoint as d:
+            damaged.append(d)
+            continue
+        if warn:
+            for d in damaged:
+                print(f"warning: {d}; using step {step}", file=sys.stderr)
+        return Loaded(step, meta, tree, damaged)
+    what = "; ".join(str(d) for d in damaged)
+    if isinstance(which, int) or str(which).lstrip("-").isdigit():
+        raise CheckpointError(f"{what} in {str(workdir)!r}; choose another --step (best, latest or a saved step)")
+    raise CheckpointError(f"no intact checkpoint in {str(workdir)!r}: {what}; "
+                          "restore the files, or start over with --config.fresh=True")
+
+
+def move_aside(workdir, step: int) -> Path:
+    """Renames the damaged ``checkpoints/<step>/`` to ``checkpoints/damaged-<step>-<time>/`` (which orbax ignores)."""
+    src = checkpoint_dir(workdir) / str(step)
+    dst = src.with_name(f"damaged-{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    n = 1
+    while dst.exists():
+        dst, n = src.with_name(f"damaged-{step}-{time.strftime('%Y%m%dT%H%M%S')}-{n}"), n + 1
+    src.rename(dst)
+    return dst
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -99,32 +99,37 @@ def load_trained(workdir, step: int | str = "best") -> TrainedModel:
 
     Args:
       workdir: a training workdir.
-      step: "best" (highest test accuracy), "latest", or an int step.
+      step: "best" (highest test accuracy among the intact checkpoints), "latest" (newest intact), or an int step.
 
-    Raises ``CheckpointError`` (one line) if there is nothing to load.
+    The params and batch_stats are checked against their saved sha256; a damaged checkpoint is passed
+    over with a one-line warning (see ``checkpoints.load_intact``). Raises ``CheckpointError`` (one
+    line) if there is nothing intact to load.
     """
     if not ckpt.checkpoint_dir(workdir).is_dir():
         raise ckpt.CheckpointError(f"workdir {str(workdir)!r} has no checkpoints/ (train a model there first)")
-    manager = ckpt.make_manager(workdir, read_only=True)
-    try:
-        step = ckpt.resolve_step(manager, workdir, step)
-        meta = ckpt.read_meta(manager, step)
+    models = {}
+
+    def restore(s: int, meta: dict) -> dict:
         config = ml_collections.ConfigDict(meta["config"])
-        class_names = tuple(meta["class_names"])
-        model = build_model(config, len(class_names))
+        model = models[s] = build_model(config, len(meta["class_names"]))
         image = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
         abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
-        variables = ckpt.restore_variables(manager, step, abstract)
+        return ckpt.restore_variables(manager, s, abstract)
+
+    manager = ckpt.make_manager(workdir, read_only=True)
+    try:
+        loaded = ckpt.load_intact(manager, workdir, step, restore, warn=jax.process_index() == 0)
     finally:
         manager.close()
+    meta = loaded.meta
     return TrainedModel(
-        model=model,
-        variables=jax.tree.map(jnp.asarray, variables),
-        config=config,
-        class_names=class_names,
+        model=models[loaded.step],
+        variables=jax.tree.map(jnp.asarray, loaded.tree),
+        config=ml_collections.ConfigDict(meta["config"]),
+        class_names=tuple(meta["class_names"]),
         mean=np.asarray(meta["mean"], np.float32),
         std=np.asarray(meta["std"], np.float32),
-        step=step,
+        step=loaded.step,
         history=meta.get("history", []),
     )
 

@@ -57,12 +57,30 @@ def initialize_devices(config) -> None:
         jax.distributed.initialize()
 
 
+def _is_orbax_teardown_noise(unraisable) -> bool:
+    """Orbax's read coroutines, abandoned when a damaged checkpoint fails to restore, report
+    "Event loop is closed" when collected later: noise about a failure already reported in one line."""
+    exc, obj = unraisable.exc_value, unraisable.object
+    code = getattr(obj, "cr_code", None)
+    from_orbax = code is not None and "orbax" in code.co_filename
+    return from_orbax or (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
+
+
+def _quiet_unraisable(default_hook):
+    def hook(unraisable):
+        if not _is_orbax_teardown_noise(unraisable):
+            default_hook(unraisable)
+
+    return hook
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Runs a CLI body: a ``UserError`` prints ``error: <one line>`` and returns its exit code; Ctrl-C returns 130.
 
     Returns the body's own exit code otherwise. Library logs are quietened first.
     """
     quiet_library_logs()
+    sys.unraisablehook = _quiet_unraisable(sys.__unraisablehook__)
     try:
         return main()
     except UserError as e:

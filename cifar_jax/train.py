@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -210,7 +212,17 @@ def train_and_evaluate(config, workdir) -> list[dict]:
     workdir = Path(workdir)
     dataset = load_dataset(config.data)
     run, state = setup(config, workdir, dataset)
-    manager = open_workdir(workdir, config, dataset.num_classes)
+    manager, lock = open_workdir(workdir, config, dataset.num_classes, meta=run.meta)
+    try:
+        history = _train_locked(run, manager, state)
+    finally:
+        lock.release()
+    return history
+
+
+def _train_locked(run: Run, manager, state) -> list[dict]:
+    """The epochs, then the report: everything done while holding the workdir lock."""
+    config, workdir = run.config, run.workdir
     try:
         state, history, progress = restore_or_start(run, manager, state)
         with catch_signals() as stop, EpochLog(run) as log:
@@ -270,27 +282,73 @@ def setup(config, workdir: Path, dataset):
     return run, state
 
 
-def open_workdir(workdir: Path, config, num_classes: int):
-    """The workdir's checkpoint manager; refuses, touching nothing, a workdir that holds another model."""
+class WorkdirLock:
+    """An exclusive ``fcntl.flock`` on ``DIR/.lock`` holding the holder's pid; the OS drops it when the process dies."""
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / ".lock"
+        self.fd = None
+
+    def acquire(self) -> "WorkdirLock":
+        """Takes the lock or raises TrainError naming the holder's pid (the file is not changed then)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EWOULDBLOCK: another process holds it.
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TrainError(f"workdir {str(self.path.parent)!r} is in use by another training run (pid {holder}); "
+                             "wait for it to finish, or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # Closing drops the flock; the file (with the last pid) stays.
+            self.fd = None
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+def open_workdir(workdir: Path, config, num_classes: int, meta: dict | None = None):
+    """(checkpoint manager, lock) of the workdir, locked for this run.
+
+    Refuses in one line, touching nothing, a workdir that holds another model or a run with a different
+    config (``checkpoints.describe_mismatch``; ``meta`` is this run's, to compare the data) or that
+    another training run holds. Only the main process locks (the others share its workdir).
+    """
     existing = ckpt.checkpoint_dir(workdir)
-    if config.fresh and existing.exists():
-        shutil.rmtree(existing)  # Only our own files: checkpoints and what is derived from them.
-        for name in ("metrics.jsonl", "REPORT.md"):
-            (workdir / name).unlink(missing_ok=True)
-    if existing.exists():
+    if not config.fresh and existing.exists():
         probe = ckpt.make_manager(workdir, read_only=True)
         try:
-            latest = probe.latest_step()
-            if latest is not None:
-                meta = ckpt.read_meta(probe, latest)
-                why = ckpt.describe_mismatch(meta["config"], config, num_classes, len(meta["class_names"]))
+            for step in sorted(probe.all_steps(), reverse=True):
+                try:
+                    saved = ckpt.read_meta(probe, step)
+                    saved_config, saved_classes = saved["config"], len(saved["class_names"])
+                except Exception:
+                    continue  # Damaged: restore_or_start reports it; compare with the newest readable one.
+                why = ckpt.describe_mismatch(saved_config, config, num_classes, saved_classes, saved, meta)
                 if why:
-                    raise TrainError(f"workdir {str(workdir)!r} holds a checkpoint of another model ({why}); "
-                                     "use another --workdir, or --config.fresh=True to start over there")
+                    raise TrainError(f"workdir {str(workdir)!r} {why}")
+                break
         finally:
             probe.close()
     workdir.mkdir(parents=True, exist_ok=True)
-    return ckpt.make_manager(workdir, keep=config.checkpoint.keep)
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else _NoLock()
+    try:
+        if config.fresh and existing.exists():
+            shutil.rmtree(existing)  # Only our own files: checkpoints and what is derived from them.
+            for name in ("metrics.jsonl", "REPORT.md"):
+                (workdir / name).unlink(missing_ok=True)
+        return ckpt.make_manager(workdir, keep=config.checkpoint.keep), lock
+    except BaseException:
+        lock.release()
+        raise
 
 
 def restore_or_start(run: Run, manager, state):
@@ -298,8 +356,17 @@ def restore_or_start(run: Run, manager, state):
     history, progress = [], Progress()
     step = manager.latest_step()
     if step is not None:
-        meta = ckpt.read_meta(manager, step)
-        state = ckpt.restore_state(manager, step, state)
+        loaded = ckpt.load_intact(manager, run.workdir, "latest", lambda s, meta: ckpt.restore_tree(manager, s, state),
+                                  warn=False)
+        for d in loaded.damaged:  # All newer than the step used: move them out of orbax's sight (see README).
+            aside = ckpt.move_aside(run.workdir, d.step) if run.is_main else None
+            run.say(f"warning: {d}; using step {loaded.step} (the damaged one is kept as checkpoints/"
+                    f"{aside.name if aside else 'damaged-' + str(d.step) + '-*'}/)", file=sys.stderr)
+        if loaded.damaged:
+            _sync_hosts("cifar_jax_moved_damaged")
+            manager.reload()
+        step, meta = loaded.step, loaded.meta
+        state = ckpt.tree_to_state(state, loaded.tree)
         history, progress = meta["history"], Progress(**meta["progress"])
         run.say(f"Resuming from step {int(jax.device_get(state.step))} (epoch {progress.epoch + 1}, "
                 f"batch {progress.step_in_epoch}) in {run.workdir}")
@@ -311,6 +378,14 @@ def restore_or_start(run: Run, manager, state):
             run.say(summary)
         ckpt.write_json_atomic(run.workdir / "config.json", run.config.to_dict())
     return state, history, progress
+
+
+def _sync_hosts(name: str) -> None:
+    """Waits for every process (a no-op on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def run_epoch(run: Run, state, progress: Progress, stop, manager, history):

@@ -109,10 +109,30 @@ def test_sigkill_mid_run_then_resume_is_bitwise_exact(reference, cifar_archive, 
     assert_bitwise_equal(reference, tmp_path)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_archive, tmp_path, capsys):
-    assert run(tmp_path, cifar_archive, epochs=1) == 0
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_archive, tmp_path, monkeypatch, capsys):
+    real = train_lib.make_train_step
+
+    def make_step(interrupt_at=None, nan=False):
+        def make(*args, **kwargs):
+            step, calls = real(*args, **kwargs), {"n": 0}
+
+            def wrapped(*a):
+                calls["n"] += 1
+                if calls["n"] == interrupt_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                state, m = step(*a)
+                return state, ({**m, "loss_sum": m["loss_sum"] * np.nan} if nan else m)  # A diverged step.
+
+            return wrapped
+
+        return make
+
+    # Stop after epoch 1 (a changed lr/epochs on resume is refused, so the divergence is simulated).
+    monkeypatch.setattr(train_lib, "make_train_step", make_step(interrupt_at=8))
+    assert run(tmp_path, cifar_archive) == 128 + signal.SIGTERM
     good = metrics(tmp_path)
-    rc = run(tmp_path, cifar_archive, epochs=3, **{"optim.lr": 1e30, "optim.schedule": "constant"})
+    monkeypatch.setattr(train_lib, "make_train_step", make_step(nan=True))
+    rc = run(tmp_path, cifar_archive)
     assert rc == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: loss became non-finite at step") and "last good checkpoint: step 8" in err

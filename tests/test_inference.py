@@ -73,7 +73,7 @@ def test_method_names_accept_api_and_cli_spellings(spelling, canonical):
 
 
 def test_unknown_method_is_a_one_line_error():
-    with pytest.raises(inference.ExplainError, match="unknown CAM method 'gradcan' \(did you mean gradcam"):
+    with pytest.raises(inference.ExplainError, match=r"unknown CAM method 'gradcan' \(did you mean gradcam"):
         inference.canonical_method("gradcan")
 
 
