@@ -35,9 +35,11 @@ from cifar_jax.errors import UserError
 SHAPE_FIELDS = (("model", "name"), ("model", "width"), ("data", "image_size"))
 # Config fields (dotted; a trailing "." is a whole group) that may differ when resuming: they change
 # neither the data, its order, the schedule nor the optimizer. The execution fields (cpu_devices,
-# distributed.*, steps_per_dispatch) give the same computation up to float rounding, not bitwise.
-RESUMABLE_FIELDS = ("log.", "checkpoint.", "distributed.", "cpu_devices", "steps_per_dispatch", "eval_batch_size",
-                    "fresh", "data.path", "data.cache", "data.download", "data.url")
+# distributed.*, steps_per_dispatch, loop) give the same computation up to float rounding, not bitwise.
+# data.source may name the same data another way (a run from before "auto" was the default says
+# "folder"); the data itself is compared separately (sizes, classes, channel statistics).
+RESUMABLE_FIELDS = ("log.", "checkpoint.", "distributed.", "cpu_devices", "steps_per_dispatch", "loop", "eval_batch_size",
+                    "fresh", "data.source", "data.path", "data.cache", "data.download", "data.url")
 
 
 class CheckpointError(UserError):

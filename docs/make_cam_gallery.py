@@ -3,7 +3,7 @@
     python docs/make_cam_gallery.py --workdir runs/resnet18_cpu [--num 6] [--layer layer4] [--out docs/cam_gallery.png]
     python docs/make_cam_gallery.py --tiny --out /tmp/gallery.png   # untrained width-4 ResNet10, random images: checks it runs
 
-With --workdir the best checkpoint (``cifar_jax.checkpoints.load_trained``) explains
+With --workdir the best checkpoint (``cifar_jax.inference.load_trained``) explains
 class-spread test images of the data it was trained on, for their predicted classes.
 """
 
@@ -35,14 +35,10 @@ def load(args):
         raw = np.random.default_rng(0).integers(0, 256, (args.num, 32, 32, 3), dtype=np.uint8)
         mean, std, names = np.full(3, 127.5), np.full(3, 64.0), tuple(str(i) for i in range(10))
     else:
-        from cifar_jax.checkpoints import load_trained
-        from cifar_jax.data import load_dataset
+        from cifar_jax import inference
 
-        trained = load_trained(args.workdir)
-        data = trained.config.data
-        if args.data:
-            data.path = args.data
-        ds = load_dataset(data)
+        trained = inference.load_trained(args.workdir)
+        ds = inference.load_run_data(trained, args.data)
         pick = np.linspace(0, len(ds.test_labels) - 1, args.num).astype(int)  # spread over the class-sorted test set
         raw, model, variables = ds.test_images[pick], trained.model, trained.variables
         mean, std, names = trained.mean, trained.std, trained.class_names

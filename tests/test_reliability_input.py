@@ -336,7 +336,7 @@ def test_ctrl_c_while_building_the_model_and_compiling_exits_130(smoke_workdir, 
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and ("interrupted" in lines[0] or "SIGINT: saved step" in lines[0]), err
     if "SIGINT: saved step" in err:  # the signal came once the loop had started: it saved a checkpoint that loads
-        from cifar_jax.checkpoints import load_trained
+        from cifar_jax.inference import load_trained
 
         assert load_trained(workdir, "latest").step >= 1
     elif (workdir / "checkpoints").exists():
