@@ -64,3 +64,15 @@ def smoke_workdir(cifar_archive, tmp_path_factory):
     ])
     assert rc == 0
     return workdir
+
+
+@pytest.fixture(scope="session")
+def reference(cifar_archive, tmp_path_factory):
+    """An uninterrupted 3-epoch run of tests.test_checkpoints.run (ResNet10 width 4, 256 images, batch 32):
+    checkpoints at steps 16 and 24 (keep=2; 8 too when it is the best). Tests copy it before changing it."""
+    from tests.test_checkpoints import run
+
+    os.chdir(ROOT)
+    workdir = tmp_path_factory.mktemp("ref") / "run"
+    assert run(workdir, cifar_archive) == 0
+    return workdir

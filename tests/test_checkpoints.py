@@ -49,15 +49,6 @@ def assert_bitwise_equal(a_dir, b_dir):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.fixture(scope="module")
-def reference(cifar_archive, tmp_path_factory):
-    """An uninterrupted 3-epoch run."""
-    os.chdir(ROOT)
-    workdir = tmp_path_factory.mktemp("ref") / "run"
-    assert run(workdir, cifar_archive) == 0
-    return workdir
-
-
 def test_rerunning_a_finished_run_changes_nothing(reference, cifar_archive):
     before = metrics(reference)
     assert run(reference, cifar_archive) == 0

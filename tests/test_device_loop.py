@@ -115,7 +115,7 @@ def test_sigkill_then_resume_is_bitwise(device_reference, cifar_archive, tmp_pat
 def test_device_evaluation_equals_host_evaluation():
     from cifar_jax.config import base_config
     from cifar_jax.data import Dataset
-    from cifar_jax.train import device_evaluator, host_evaluator
+    from cifar_jax.feeds import device_evaluator, host_evaluator
 
     config = base_config()
     config.model.name, config.model.width, config.eval_batch_size, config.eval_flip = "resnet10", 4, 16, True

@@ -21,15 +21,6 @@ from tests.conftest import ROOT, run_module
 from tests.test_checkpoints import assert_bitwise_equal, metrics, overrides, run
 
 
-@pytest.fixture(scope="module")
-def reference(cifar_archive, tmp_path_factory):
-    """An uninterrupted 3-epoch run: checkpoints at steps 16 and 24 (keep=2; 8 unless it is the best)."""
-    os.chdir(ROOT)
-    workdir = tmp_path_factory.mktemp("ref") / "run"
-    assert run(workdir, cifar_archive) == 0
-    return workdir
-
-
 def copy_of(reference, tmp_path) -> Path:
     workdir = tmp_path / "copy"
     shutil.copytree(reference, workdir)
