@@ -27,11 +27,13 @@ def device_reference(cifar_archive, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def host_reference(cifar_archive, tmp_path_factory):
-    os.chdir(ROOT)
-    workdir = tmp_path_factory.mktemp("host") / "run"
-    assert run(workdir, cifar_archive, loop="host", steps_per_dispatch=1) == 0
-    return workdir
+def host_reference(reference):
+    """The shared reference run: on a CPU, loop=auto and steps_per_dispatch=0 mean the host loop, 1 step a dispatch."""
+    import json
+
+    config = json.loads((reference / "config.json").read_text())
+    assert config["loop"] == "auto" and config["steps_per_dispatch"] == 0 and jax.default_backend() == "cpu"
+    return reference
 
 
 def test_device_loop_trains_the_same_model_as_the_host_loop(device_reference, host_reference):
