@@ -178,11 +178,6 @@ def restore_tree(manager, step: int, template) -> dict:
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
 
-def restore_state(manager, step: int, template):
-    """Restores step into a TrainState shaped and sharded like ``template`` (unverified; prefer ``load_intact``)."""
-    return tree_to_state(template, restore_tree(manager, step, template))
-
-
 def describe_mismatch(saved_config: dict, config, num_classes: int, saved_num_classes: int,
                       saved_meta: dict | None = None, meta: dict | None = None) -> str | None:
     """Why a run saved with ``saved_config`` cannot go on with ``config`` (a phrase after "workdir DIR"), or None.

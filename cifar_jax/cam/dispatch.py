@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cifar_jax.cam import attribution, guided
+from cifar_jax.cam.attribution import gradients, input_x_gradient, integrated_gradients, occlusion, smooth_grad
+from cifar_jax.cam.guided import guided_backprop, guided_grad_cam
 from cifar_jax.cam.base import compute_cams
 from cifar_jax.cam.methods import ALL_METHODS, CAM_METHODS, canonical_method
 from cifar_jax.cam.ops import minmax_scale
@@ -31,13 +32,13 @@ def saliency_maps(method: str, model, variables, images, targets=None, *, layer=
         if targets is None:
             targets = compute_cams(model, variables, images, None, layer=layer).targets
         if name == "guided-backprop":
-            return pixel_map(guided.guided_backprop(model, variables, images, targets))
-        return pixel_map(guided.guided_grad_cam(model, variables, images, targets, layer=layer))
+            return pixel_map(guided_backprop(model, variables, images, targets))
+        return pixel_map(guided_grad_cam(model, variables, images, targets, layer=layer))
     if name == "smoothgrad":
         if targets is None:  # fix the classes of the clean images for every noisy copy
             targets = jnp.argmax(compute_cams(model, variables, images, None, layer=layer).logits, -1)
         key = jax.random.key(0) if key is None else key
-        return pixel_map(attribution.smooth_grad(lambda x: attribution.gradients(model, variables, x, targets), images, key, **kwargs))
-    fn = {"gradients": attribution.gradients, "input-x-gradient": attribution.input_x_gradient,
-          "integrated-gradients": attribution.integrated_gradients, "occlusion": attribution.occlusion}[name]
+        return pixel_map(smooth_grad(lambda x: gradients(model, variables, x, targets), images, key, **kwargs))
+    fn = {"gradients": gradients, "input-x-gradient": input_x_gradient,
+          "integrated-gradients": integrated_gradients, "occlusion": occlusion}[name]
     return pixel_map(fn(model, variables, images, targets, **kwargs))
