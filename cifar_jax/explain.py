@@ -127,9 +127,9 @@ def explain_files(trained, args, method: str, target, out: Path) -> int:
             continue
         original = loaded.pixels
         small = image_io.resize(original, size)
-        expl = inference.explain(trained, small[None], target, method=method, layer=args.layer,
-                                 aug_smooth=args.aug_smooth, eigen_smooth=args.eigen_smooth)
-        probs = np.asarray(jax.nn.softmax(trained.logits(small[None])))[0]
+        probs = np.asarray(jax.nn.softmax(trained.logits(small[None])))[0]  # THE predictor, once per image
+        expl = inference.explain(trained, small[None], int(probs.argmax()) if target is None else target, method=method,
+                                 layer=args.layer, aug_smooth=args.aug_smooth, eigen_smooth=args.eigen_smooth)
         h, w = original.shape[:2]
         cam_full = np.asarray(jax.image.resize(jnp.asarray(expl.maps[0], jnp.float32), (h, w), "linear"))
         viz.save_png(out / f"{stem}_{method}.png", viz.heatmap_overlay(original, cam_full, args.alpha))

@@ -33,15 +33,16 @@ def array_files(step_dir: Path) -> list[Path]:
 
 
 def truncate_array_file(step_dir):
-    p = array_files(step_dir)[-1]
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    # Every data file: which arrays tensorstore puts in which file varies, and load_trained reads params only.
+    for p in array_files(step_dir):
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
 def flip_a_bit(step_dir):
-    p = array_files(step_dir)[-1]  # The largest array file: optimizer and parameter chunks.
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    p.write_bytes(bytes(data))
+    for p in array_files(step_dir):  # One bit in the middle of every data file (see truncate_array_file).
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        p.write_bytes(bytes(data))
 
 
 DAMAGE = {
