@@ -5,9 +5,12 @@ Nothing here computes; each function is called once at the start of a CLI.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -74,6 +77,25 @@ def _quiet_unraisable(default_hook):
     return hook
 
 
+def _where_python_discards_exceptions(frame) -> bool:
+    """Whether ``frame`` runs inside a garbage-collector callback (JAX registers one) or a ``__del__``, where a
+    KeyboardInterrupt would be printed as "Exception ignored" and lost."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C as KeyboardInterrupt, sent again 50 ms later if it arrived where Python would discard it."""
+    if _where_python_discards_exceptions(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return
+    raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Runs a CLI body: a ``UserError`` prints ``error: <one line>`` and returns its exit code; Ctrl-C returns 130.
 
@@ -81,6 +103,8 @@ def run_cli(main: Callable[[], int]) -> int:
     """
     quiet_library_logs()
     sys.unraisablehook = _quiet_unraisable(sys.__unraisablehook__)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_sigint) if in_main_thread else None
     try:
         return main()
     except UserError as e:
@@ -91,6 +115,9 @@ def run_cli(main: Callable[[], int]) -> int:
         _interrupted = True
         print("\ninterrupted (Ctrl-C); nothing was left half-written", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 _interrupted = False  # Set by run_cli when Ctrl-C ended the command.
