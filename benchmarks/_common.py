@@ -25,12 +25,26 @@ def parser(description: str) -> argparse.ArgumentParser:
 def machine() -> dict:
     """CPU model, core count and library versions, recorded next to every result."""
     model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    info = {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    info = {"cpu": model, "cores": os.cpu_count(), "isa": isa(), "python": platform.python_version(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     for name in ("jax", "jaxlib", "flax", "torch"):
         mod = sys.modules.get(name)
         if mod is not None:
             info[name] = getattr(mod, "__version__", "?")
     return info
+
+
+def isa() -> str:
+    """The widest x86 vector extensions the CPU reports, e.g. "AVX-512 (+BF16, VNNI)", "AVX2+FMA" or "AVX+FMA (no AVX2)"."""
+    flags = set(next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), []))
+    if "avx512f" in flags:
+        extra = [name for flag, name in (("avx512_bf16", "BF16"), ("avx512_vnni", "VNNI"), ("amx_tile", "AMX")) if flag in flags]
+        return "AVX-512" + (f" (+{', '.join(extra)})" if extra else "")
+    if "avx2" in flags:
+        return "AVX2+FMA" if "fma" in flags else "AVX2"
+    if "avx" in flags:
+        return "AVX+FMA (no AVX2)" if "fma" in flags else "AVX"
+    return "SSE" if flags else platform.machine()
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:

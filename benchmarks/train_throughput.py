@@ -1,12 +1,14 @@
 """Images/s of the compiled JAX train step vs a PyTorch eager step of the same ResNet18, same batch, same process.
 
-    python benchmarks/train_throughput.py [--quick] [--configs cpu,full] [--steps-per-dispatch K] [--out r.json]
+    python benchmarks/train_throughput.py [--quick] [--configs cpu,full] [--convs xla,onednn] [--out r.json]
 
 JAX: train_lib.make_train_step on a 1-device mesh (crop/flip/cutout augmentation,
-forward, backward, SGD-Nesterov update, all in one XLA call). PyTorch: eager
-forward/backward/SGD-Nesterov step on an already-normalised float batch (no
-augmentation, so the comparison is, if anything, tilted towards PyTorch),
-contiguous and channels_last; the faster layout is the reference.
+forward, backward, SGD-Nesterov update, all in one XLA call), once per convolution
+kernel (model.conv: xla, onednn). PyTorch: eager forward/backward/SGD-Nesterov step
+on an already-normalised float batch (no augmentation, so the comparison is, if
+anything, tilted towards PyTorch), contiguous and channels_last; the faster layout
+is the reference. Both run in this one process with the allocator the CLIs use
+(runtime.keep_freed_memory, which speeds PyTorch too); --default-malloc leaves glibc's defaults.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 
 import numpy as np
 
-from _common import ROOT, finish, parser, timed, warn_if_busy
+from _common import ROOT, finish, isa, parser, timed, warn_if_busy
 
 # name: (experiment file, width, batch, timed steps per repeat)
 CONFIGS = {"cpu": ("resnet18_cpu.py", 16, 256, 10), "full": ("resnet18.py", 64, 64, 4)}
@@ -97,6 +99,16 @@ def torch_images_per_s(width, batch, steps, repeats, label_smoothing, channels_l
     return steps * batch / median
 
 
+def onednn_ready(devices: int, dtype: str) -> bool:
+    """Whether model.conv=onednn can run in this benchmark (prints why not)."""
+    from cifar_jax import onednn
+
+    reason = onednn.unavailable_reason() or (devices > 1 and "it needs one device") or (dtype != "float32" and "float32 only")
+    if reason:
+        print(f"skipping model.conv=onednn: {reason}")
+    return not reason
+
+
 def main():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--configs", default="cpu,full", help="comma-separated: cpu (width 16, batch 256), full (width 64, batch 64)")
@@ -108,7 +120,13 @@ def main():
     p.add_argument("--dtype", default="float32", help="JAX model.dtype (float32 or bfloat16)")
     p.add_argument("--batch", type=int, help="override the batch of every config (e.g. 512 for the full recipe's)")
     p.add_argument("--steps", type=int, help="override the timed steps per repeat")
+    p.add_argument("--convs", default="xla,onednn", help="model.conv values to time (onednn is skipped where unavailable)")
+    p.add_argument("--default-malloc", action="store_true", help="skip runtime.keep_freed_memory (glibc defaults, both sides)")
     args = p.parse_args()
+    from cifar_jax import runtime
+
+    malloc = "default" if args.default_malloc or not runtime.keep_freed_memory() else "kept"
+    print(f"allocator: {malloc}; ISA: {isa()}")
     busy = warn_if_busy(args)
     if args.devices > 1:  # Before the first JAX backend call, like cifar_jax.train.main.
         import jax
@@ -132,13 +150,19 @@ def main():
             config.augment.crop_padding, config.augment.flip, config.augment.cutout = 0, False, 0
         k = args.steps_per_dispatch
         steps = max(steps, k)
-        print(f"[{name}] JAX width {width}, batch {batch}, {steps} steps x {repeats} repeats ...", flush=True)
-        jax_ips, compile_s, n_params = jax_images_per_s(config, batch, steps, repeats, k, args.devices)
-        label = [f"k={k}", args.dtype] + [f"{args.devices} devices"] * (args.devices > 1) + ["no aug"] * args.no_augment
-        row = dict(config=name, width=width, batch=batch, params=n_params, impl=f"jax ({', '.join(label)})",
-                   images_per_s=jax_ips, step_ms=1000 * batch / jax_ips, compile_s=compile_s)
-        rows.append(row)
-        if torch is None or args.skip_torch:
+        jax_rows = []
+        for conv in args.convs.split(","):
+            if conv == "onednn" and not onednn_ready(args.devices, args.dtype):
+                continue
+            config.model.conv = conv
+            print(f"[{name}] JAX ({conv} convs) width {width}, batch {batch}, {steps} steps x {repeats} repeats ...", flush=True)
+            jax_ips, compile_s, n_params = jax_images_per_s(config, batch, steps, repeats, k, args.devices)
+            label = [conv, f"k={k}", args.dtype] + [f"{args.devices} devices"] * (args.devices > 1) + ["no aug"] * args.no_augment
+            row = dict(config=name, width=width, batch=batch, params=n_params, impl=f"jax ({', '.join(label)})",
+                       images_per_s=jax_ips, step_ms=1000 * batch / jax_ips, compile_s=compile_s)
+            rows.append(row)
+            jax_rows.append(row)
+        if torch is None or args.skip_torch or not jax_rows:
             continue
         best = 0.0
         for channels_last in (False, True):
@@ -148,12 +172,13 @@ def main():
                              impl=f"torch eager{' channels_last' if channels_last else ''}",
                              images_per_s=ips, step_ms=1000 * batch / ips))
             best = max(best, ips)
-        ratios[name] = jax_ips / best
-        row["jax_over_torch"] = ratios[name]
+        for row in jax_rows:
+            row["jax_over_torch"] = row["images_per_s"] / best
+        ratios[name] = max(row["jax_over_torch"] for row in jax_rows)
     finish("train_throughput", args, rows, ["config", "width", "batch", "params", "impl", "images_per_s", "step_ms", "compile_s", "jax_over_torch"],
-           jax_over_torch=ratios, busy=busy)
+           jax_over_torch=ratios, busy=busy, allocator=malloc)
     for name, r in ratios.items():
-        print(f"{name}: JAX / PyTorch (faster layout) = {r:.2f}x")
+        print(f"{name}: JAX (faster kernel) / PyTorch (faster layout) = {r:.2f}x")
 
 
 if __name__ == "__main__":

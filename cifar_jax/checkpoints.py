@@ -39,7 +39,7 @@ SHAPE_FIELDS = (("model", "name"), ("model", "width"), ("data", "image_size"))
 # data.source may name the same data another way (a run from before "auto" was the default says
 # "folder"); the data itself is compared separately (sizes, classes, channel statistics).
 RESUMABLE_FIELDS = ("log.", "checkpoint.", "distributed.", "cpu_devices", "steps_per_dispatch", "loop", "eval_batch_size",
-                    "fresh", "data.source", "data.path", "data.cache", "data.download", "data.url")
+                    "model.conv", "fresh", "data.source", "data.path", "data.cache", "data.download", "data.url")
 
 
 class CheckpointError(UserError):

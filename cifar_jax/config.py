@@ -177,6 +177,7 @@ RULES: dict[str, Rule] = {
     "model.width": integer(1),
     "model.dtype": choice(*DTYPES),
     "model.zero_init_residual": BOOL,
+    "model.conv": choice("auto", "xla", "onednn"),
     "data.source": choice(*DATA_SOURCES),
     "data.path": TEXT,
     "data.name": TEXT,
@@ -291,6 +292,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.width = 64  # Channels of the stem and first stage (64 = the original, 11,173,962 parameters).
     c.model.dtype = "float32"  # Compute dtype; parameters and logits stay float32.
     c.model.zero_init_residual = False  # Start each block's last BatchNorm scale at 0 (the block begins as identity).
+    # Convolution kernels for training: "onednn" (cifar_jax.onednn; needs pip install -e ".[onednn]" and a C++
+    # compiler; 2-3x XLA's images/s on CPU, docs/benchmarks.md), "xla", or "auto" = onednn when it is
+    # installed, the backend is one CPU device and the model float32, else xla. Same parameters either way.
+    c.model.conv = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "auto"  # auto (folder at path if it exists, else cifar10), folder, cifar10, cifar100, tfds.

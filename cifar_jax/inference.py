@@ -111,7 +111,7 @@ def load_trained(workdir, step: int | str = "best") -> TrainedModel:
 
     def restore(s: int, meta: dict) -> dict:
         config = ml_collections.ConfigDict(meta["config"])
-        model = models[s] = build_model(config, len(meta["class_names"]))
+        model = models[s] = build_model(config, len(meta["class_names"]), conv="xla")
         image = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
         abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
         return ckpt.restore_variables(manager, s, abstract)

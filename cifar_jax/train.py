@@ -213,6 +213,8 @@ def setup(config, workdir: Path, dataset):
               meta, jax.process_index() == 0)
     run.say(f"Data: {getattr(dataset, 'description', config.data.path)}: {n_train} training and "
             f"{len(dataset.test_labels)} test images, {dataset.num_classes} classes")
+    kernels = "oneDNN (cifar_jax.onednn)" if model.conv_general_dilated is not None else "XLA"
+    run.say(f"Convolutions: {kernels} (model.conv={config.model.conv}); {loop} loop, {k} step(s) per dispatch")
     return run, state
 
 

@@ -26,10 +26,22 @@ def get_model(name: str, **kwargs) -> ResNet:
     return MODELS[key](**kwargs)
 
 
-def build_model(config, num_classes: int) -> ResNet:
-    """The module a run config's ``model`` block describes (name, width, dtype, zero_init_residual)."""
+def build_model(config, num_classes: int, conv: str | None = None) -> ResNet:
+    """The module a run config's ``model`` block describes (name, width, dtype, zero_init_residual, conv).
+
+    ``conv`` overrides ``config.model.conv`` ("auto", "xla", "onednn"); trained-model inference passes
+    "xla", since CAM methods vmap the model, which the oneDNN kernels only run one element at a time.
+    Raises ``ConfigError`` when "onednn" is asked for and cannot run here.
+    """
     m = config.model
-    return get_model(m.name, width=m.width, num_classes=num_classes, dtype=DTYPES[m.dtype], zero_init_residual=m.zero_init_residual)
+    choice = conv or m.get("conv", "auto")  # Configs saved before model.conv existed: auto.
+    kernel = None
+    if choice != "xla":
+        from cifar_jax import onednn
+
+        kernel = onednn.conv_for(choice, m.dtype)
+    return get_model(m.name, width=m.width, num_classes=num_classes, dtype=DTYPES[m.dtype],
+                     zero_init_residual=m.zero_init_residual, conv_general_dilated=kernel)
 
 
 def eval_logits(apply_fn, variables, images, flip: bool = False):

@@ -126,6 +126,8 @@ class ResNet(nn.Module):
       dtype: computation dtype (params stay float32), e.g. jnp.bfloat16.
       zero_init_residual: start each block's last BN scale at zero.
       act: the nonlinearity (guided backpropagation swaps in a guided ReLU).
+      conv_general_dilated: the convolution every ``nn.Conv`` calls (None: ``lax.conv_general_dilated``),
+        e.g. ``cifar_jax.onednn.conv_general_dilated`` on CPU; the parameters are the same either way.
     """
 
     stage_sizes: Sequence[int]
@@ -135,6 +137,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     zero_init_residual: bool = False
     act: Callable = nn.relu
+    conv_general_dilated: Callable | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False, start: str | None = None, end: str | None = None):
@@ -154,7 +157,9 @@ class ResNet(nn.Module):
         last = len(STAGES) if end is None else _stage_index(end)
         if first > last:
             raise ValueError(f"start={start!r} comes after end={end!r}")
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
+        conv = functools.partial(
+            nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init, conv_general_dilated=self.conv_general_dilated
+        )
         norm = functools.partial(
             nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
         )
