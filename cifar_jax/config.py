@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from cifar_jax.errors import UserError
+from cifar_jax.errors import ConfigError, UserError  # noqa: F401  (ConfigError is part of this module's API)
 from cifar_jax.models import MODELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -25,12 +25,6 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("auto", "folder", "cifar10", "cifar100", "tfds")
 PAD_MODES = ("reflect", "constant", "edge", "symmetric")
-
-
-class ConfigError(UserError):
-    """A config file or override that cannot be used (one-line message, exit code 2)."""
-
-    exit_code = 2
 
 
 def load_config(path: str | Path) -> ml_collections.ConfigDict:

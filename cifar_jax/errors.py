@@ -20,3 +20,9 @@ class UserError(Exception):
     @property
     def message(self) -> str:
         return self.args[0]
+
+
+class ConfigError(UserError):
+    """A config file or override that cannot be used (one-line message, exit code 2)."""
+
+    exit_code = 2

@@ -120,7 +120,7 @@ def conv_for(choice: str, dtype: str):
     None. "onednn": the same conditions, each failure a ``ConfigError`` naming it. (On several devices the step
     is sharded by XLA, which cannot split a custom call, so it would run whole on every device.)
     """
-    from cifar_jax.config import ConfigError
+    from cifar_jax.errors import ConfigError
 
     backend, devices = jax.default_backend(), jax.device_count()
     problem = None

@@ -83,6 +83,10 @@ def _run(args, overrides) -> int:
         raise TrainError(f"--workdir {str(workdir)!r} is a file, not a directory")
     runtime.initialize_devices(config)  # Must precede anything that starts a JAX backend.
     validate(config, jax.device_count())
+    if config.model.conv != "xla":  # model.conv=onednn that cannot run here fails now, before the workdir exists.
+        from cifar_jax import onednn
+
+        onednn.conv_for(config.model.conv, config.model.dtype)
     runtime.enable_compilation_cache()
     train_and_evaluate(config, workdir)
     return 0

@@ -153,7 +153,8 @@ def test_smoke_config_end_to_end(cifar_archive, tmp_path):
 def test_cpu_devices_splits_the_host_and_matches_one_device(cifar_archive, tmp_path):
     """--config.cpu_devices=2 trains data-parallel over 2 CPU devices; an epoch matches 1 device's."""
     common = ["--config", "experiments/smoke.py", f"--config.data.path={cifar_archive}", "--config.log.progress_bar=false",
-              "--config.epochs=1", "--config.optim.lr=0.01"]  # A small lr keeps float differences from growing.
+              "--config.epochs=1", "--config.optim.lr=0.01",  # A small lr keeps float differences from growing.
+              "--config.model.conv=xla"]  # The same kernels on both sides (auto would pick oneDNN for 1 device only).
     runs = {}
     for devices in (1, 2):
         workdir = tmp_path / f"d{devices}"

@@ -1,0 +1,146 @@
+"""oneDNN convolutions (cifar_jax.onednn): equal to XLA's convolution and its gradients, used where they can run,
+and a clear one-line error where model.conv=onednn cannot."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cifar_jax import onednn
+from tests.conftest import ROOT
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}")
+
+# (batch, size, in, out, kernel, stride, padding): every conv of the CIFAR ResNets, plus odd paddings.
+GEOMETRIES = [
+    (4, 32, 3, 8, 3, 1, ((1, 1), (1, 1))),  # stem: 3 input channels
+    (4, 16, 8, 8, 3, 1, ((1, 1), (1, 1))),  # stride 1 (the forward runs as a backward-data call)
+    (4, 16, 8, 16, 3, 2, ((1, 1), (1, 1))),  # downsampling 3x3
+    (4, 16, 8, 16, 1, 2, ((0, 0), (0, 0))),  # 1x1 projection shortcut
+    (2, 9, 4, 4, 3, 1, ((0, 1), (2, 0))),  # asymmetric padding
+    (2, 7, 4, 4, 3, 2, ((0, 1), (0, 1))),  # XLA's "SAME" for stride 2
+]
+
+
+def xla_conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@needs_onednn
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "n{}_s{}_{}to{}_k{}_st{}_p{}".format(*g[:6], g[6]))
+def test_forward_and_both_gradients_equal_xla(geometry):
+    n, size, c, o, k, s, padding = geometry
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, size, size, c)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, c, o)), jnp.float32)
+    y, vjp = jax.vjp(lambda a, b: onednn.conv2d(a, b, (s, s), padding), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda a, b: xla_conv(a, b, (s, s), padding), x, w)
+    assert y.shape == y_ref.shape
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    for got, want in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy))):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale)
+
+
+@needs_onednn
+def test_drop_in_falls_back_to_xla_for_what_it_does_not_run():
+    x = jnp.ones((2, 8, 8, 4), jnp.float32)
+    w = jnp.ones((3, 3, 4, 4), jnp.float32)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    assert onednn.supports(x, w, dimension_numbers=dn)
+    assert not onednn.supports(x, w, rhs_dilation=(2, 2), dimension_numbers=dn)
+    assert not onednn.supports(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), dimension_numbers=dn)
+    grouped = jnp.ones((3, 3, 2, 4), jnp.float32)
+    assert not onednn.supports(x, grouped, dimension_numbers=dn, feature_group_count=2)
+    # Unsupported cases give XLA's result exactly; "SAME" strings are resolved to pads.
+    got = onednn.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=dn)
+    np.testing.assert_array_equal(got, lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=dn))
+    same = onednn.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn)
+    np.testing.assert_allclose(same, lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn), atol=1e-5)
+    # Under jit the oneDNN call is in the compiled program (not silently XLA's).
+    hlo = jax.jit(lambda a, b: onednn.conv_general_dilated(a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)).lower(x, w).as_text()
+    assert "cifar_jax_onednn_" in hlo
+
+
+@needs_onednn
+def test_resnet_train_step_matches_xla_kernels():
+    """One SGD step of a width-4 ResNet18 (BatchNorm, shortcuts, stride 2): same loss, gradients, new batch stats."""
+    from cifar_jax.models import get_model
+
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 8))
+    results = []
+    for kernel in (None, onednn.conv_general_dilated):
+        model = get_model("resnet18", width=4, conv_general_dilated=kernel)
+        variables = model.init(jax.random.key(0), images[:1])
+
+        def loss_fn(params):
+            logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
+                                          train=True, mutable=["batch_stats"])
+            loss = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), labels])
+            return loss, updates
+
+        (loss, updates), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+        results.append((loss, grads, updates))
+    (loss_x, grads_x, upd_x), (loss_o, grads_o, upd_o) = results
+    assert abs(float(loss_x) - float(loss_o)) < 1e-5
+    for a, b in zip(jax.tree.leaves((grads_x, upd_x)), jax.tree.leaves((grads_o, upd_o))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-4)
+
+
+def test_conv_for_picks_xla_where_onednn_cannot_run_and_says_why_when_asked():
+    from cifar_jax.config import ConfigError
+
+    assert onednn.conv_for("auto", "bfloat16") is None  # auto: quietly XLA
+    with pytest.raises(ConfigError, match=r"^model\.conv=onednn: it is float32 only \(model\.dtype is bfloat16\); use model\.conv=auto or xla$"):
+        onednn.conv_for("onednn", "bfloat16")
+    expected = onednn.conv_general_dilated if onednn.available() else None
+    assert onednn.conv_for("auto", "float32") is expected
+
+
+def test_missing_onednn_or_failed_compile_is_a_one_line_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(onednn, "_prefixes", lambda: [tmp_path])
+    with pytest.raises(RuntimeError, match=r'^oneDNN is not installed \(pip install -e "\.\[onednn\]"'):
+        onednn._find_onednn()
+    monkeypatch.undo()
+    if not onednn.available():
+        pytest.skip("oneDNN not installed: the compile step cannot be reached")
+    monkeypatch.setenv("CIFAR_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "false")  # A "compiler" that fails at once.
+    with pytest.raises(RuntimeError, match=r"^compiling the oneDNN extension failed"):
+        onednn._library_path()
+    assert not list((tmp_path / "cache" / "native").glob("*.so"))  # nothing half-built left behind
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match=r"^cannot compile the oneDNN extension with .*no-such-compiler"):
+        onednn._library_path()
+
+
+def test_train_cli_refuses_onednn_where_it_cannot_run(cifar_archive, tmp_path, capsys):
+    from cifar_jax import train
+
+    workdir = tmp_path / "w"
+    rc = train.main(["--config", str(ROOT / "experiments" / "smoke.py"), "--workdir", str(workdir),
+                     f"--config.data.path={cifar_archive}", "--config.model.conv=onednn", "--config.model.dtype=bfloat16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1, err
+    assert re.match(r"^error: model\.conv=onednn: it is float32 only", err[0])
+    assert not workdir.exists()
+
+
+def test_keep_freed_memory_sets_glibc_options_and_can_be_turned_off(monkeypatch):
+    from cifar_jax import runtime
+
+    monkeypatch.setenv("CIFAR_JAX_MALLOC", "default")
+    assert runtime.keep_freed_memory() is False
+    monkeypatch.delenv("CIFAR_JAX_MALLOC")
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    assert runtime.keep_freed_memory() is True
