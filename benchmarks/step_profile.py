@@ -32,17 +32,35 @@ KINDS = ("conv forward", "conv input-gradient", "conv weight-gradient", "BatchNo
 
 
 def hlo_instructions(hlo_text: str) -> dict:
-    """name -> (op_name, custom-call target, output dims) for every instruction of a compiled HLO module."""
-    out = {}
+    """name -> (op_name, custom-call target, output dims) for every instruction of a compiled HLO module.
+
+    A fusion without an op_name of its own (XLA's layout-copy and convolution fusions) takes the first
+    op_name inside the computation it calls, and "conv_general_dilated" when that computation convolves.
+    """
+    out, computation, inside = {}, None, collections.defaultdict(list)
     for line in hlo_text.splitlines():
+        head = re.match(r"^%?([\w.\-]+) .*\{$", line) or re.match(r"^ENTRY %?([\w.\-]+)", line)
+        if head and not line.startswith(" "):
+            computation = head.group(1)
+            continue
         m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]", line)
         if not m:
             continue
         op = re.search(r'op_name="([^"]*)"', line)
         target = re.search(r'custom_call_target="([^"]*)"', line)
+        calls = re.search(r"calls=%?([\w.\-]+)", line)
         dims = tuple(int(d) for d in m.group(3).split(",") if d)
-        out[m.group(1)] = (op.group(1) if op else "", target.group(1) if target else "", dims)
-    return out
+        op_name = op.group(1) if op else ""
+        inside[computation].append((op_name, " convolution(" in line))
+        out[m.group(1)] = [op_name, target.group(1) if target else "", dims, calls.group(1) if calls else None]
+    for name, entry in out.items():
+        body = inside.get(entry[3], [])
+        if any(conv for _, conv in body):
+            first = next((o for o, conv in body if conv and o), next((o for o, _ in body if o), entry[0]))
+            entry[0] = first if "conv_general_dilated" in first else first + "/conv_general_dilated"
+        elif not entry[0]:
+            entry[0] = next((o for o, _ in body if o), "")
+    return {name: tuple(entry[:3]) for name, entry in out.items()}
 
 
 def kind_of(op_name: str, target: str, dims: tuple) -> str:

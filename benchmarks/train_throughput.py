@@ -14,7 +14,9 @@ is the reference. Both run in this one process with the allocator the CLIs use
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -25,16 +27,13 @@ CONFIGS = {"cpu": ("resnet18_cpu.py", 16, 256, 10), "full": ("resnet18.py", 64, 
 QUICK = {"cpu": ("resnet18_cpu.py", 4, 16, 2), "full": ("resnet18.py", 8, 8, 2)}
 
 
-def jax_images_per_s(config, batch, steps, repeats, k=1, devices=1):
-    """(images/s, compile s, parameter count) of the real train step; k > 1 runs k steps per call (lax.scan).
+def jax_runner(config, batch, steps, k=1, devices=1):
+    """(run, compile s, parameter count): ``run()`` times ``steps`` real train steps and returns images/s.
 
-    compile s is the first call's time minus one steady call's (tracing, lowering and XLA compilation).
-
-    devices > 1 shards the batch over that many CPU devices (main() splits the CPU into them,
-    as ``--config.cpu_devices`` does in the training CLI).
+    k > 1 runs k steps per call (lax.scan). compile s is the first call's time minus one steady call's
+    (tracing, lowering and XLA compilation). devices > 1 shards the batch over that many CPU devices
+    (main() splits the CPU into them, as ``--config.cpu_devices`` does in the training CLI).
     """
-    import time
-
     import jax
 
     from cifar_jax import train_lib
@@ -54,7 +53,7 @@ def jax_images_per_s(config, batch, steps, repeats, k=1, devices=1):
     mean, std = np.array([0.49, 0.48, 0.45], np.float32), np.array([0.25, 0.24, 0.26], np.float32)
     box = [state]
 
-    def run(calls):
+    def run_calls(calls):
         s = box[0]
         for _ in range(calls):
             s, _ = step(s, images, labels, mean, std)  # The state is donated: always continue from the new one.
@@ -62,16 +61,16 @@ def jax_images_per_s(config, batch, steps, repeats, k=1, devices=1):
         box[0] = s
 
     t0 = time.perf_counter()
-    run(1)  # Compiles.
+    run_calls(1)  # Compiles (the step is traced here, so flags read at trace time must be set around this call).
     compile_s = time.perf_counter() - t0
-    run(2)  # Warm-up.
+    run_calls(2)  # Warm-up.
     calls = max(1, steps // k)
-    median, _ = timed(lambda: run(calls), repeats)
-    compile_s -= median / calls  # The first call also ran one call's worth of steps: leave just the compilation.
-    return calls * k * batch / median, compile_s, n_params
+    one = timed(lambda: run_calls(calls), 1)[0]
+    return (lambda: calls * k * batch / timed(lambda: run_calls(calls), 1)[0]), compile_s - one / calls, n_params
 
 
-def torch_images_per_s(width, batch, steps, repeats, label_smoothing, channels_last, expect_params):
+def torch_runner(width, batch, steps, label_smoothing, channels_last, expect_params):
+    """``run()`` times ``steps`` PyTorch eager train steps of the same ResNet18 and returns images/s."""
     import torch
     from torch import nn
 
@@ -88,15 +87,24 @@ def torch_images_per_s(width, batch, steps, repeats, label_smoothing, channels_l
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
-    def run(n):
+    def run_steps(n):
         for _ in range(n):
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             opt.step()
 
-    run(2)  # Warm-up (allocator, oneDNN primitive caches).
-    median, _ = timed(lambda: run(steps), repeats)
-    return steps * batch / median
+    run_steps(2)  # Warm-up (allocator, oneDNN primitive caches).
+    return lambda: steps * batch / timed(lambda: run_steps(steps), 1)[0]
+
+
+def interleaved(runners: dict, repeats: int) -> dict:
+    """{name: median images/s} timing every runner once per round, ``repeats`` rounds: drifts of a noisy
+    machine hit all of them alike instead of whichever ran last."""
+    seen = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            seen[name].append(run())
+    return {name: statistics.median(v) for name, v in seen.items()}
 
 
 def onednn_ready(devices: int, dtype: str) -> bool:
@@ -113,14 +121,15 @@ def main():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--configs", default="cpu,full", help="comma-separated: cpu (width 16, batch 256), full (width 64, batch 64)")
     p.add_argument("--steps-per-dispatch", type=int, default=1, help="JAX steps per compiled call (lax.scan)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (each variant timed once a round); medians")
     p.add_argument("--devices", type=int, default=1, help="CPU devices to shard the JAX batch over (as config.cpu_devices)")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--no-augment", action="store_true", help="JAX step without crop/flip/cutout, like the PyTorch reference")
     p.add_argument("--dtype", default="float32", help="JAX model.dtype (float32 or bfloat16)")
     p.add_argument("--batch", type=int, help="override the batch of every config (e.g. 512 for the full recipe's)")
     p.add_argument("--steps", type=int, help="override the timed steps per repeat")
-    p.add_argument("--convs", default="xla,onednn", help="model.conv values to time (onednn is skipped where unavailable)")
+    p.add_argument("--convs", default="xla,onednn",
+                   help="model.conv values to time: xla, onednn (skipped where unavailable), onednn-direct (oneDNN's forward primitive also for stride 1)")
     p.add_argument("--default-malloc", action="store_true", help="skip runtime.keep_freed_memory (glibc defaults, both sides)")
     args = p.parse_args()
     from cifar_jax import runtime
@@ -150,31 +159,37 @@ def main():
             config.augment.crop_padding, config.augment.flip, config.augment.cutout = 0, False, 0
         k = args.steps_per_dispatch
         steps = max(steps, k)
-        jax_rows = []
+        runners, meta = {}, {}
         for conv in args.convs.split(","):
-            if conv == "onednn" and not onednn_ready(args.devices, args.dtype):
+            if conv.startswith("onednn") and not onednn_ready(args.devices, args.dtype):
                 continue
-            config.model.conv = conv
-            print(f"[{name}] JAX ({conv} convs) width {width}, batch {batch}, {steps} steps x {repeats} repeats ...", flush=True)
-            jax_ips, compile_s, n_params = jax_images_per_s(config, batch, steps, repeats, k, args.devices)
+            from cifar_jax import onednn
+
+            config.model.conv = "onednn" if conv.startswith("onednn") else conv
+            onednn.FORWARD_AS_BACKWARD_DATA = conv != "onednn-direct"  # Read when the step is traced (compiled).
+            print(f"[{name}] JAX ({conv} convs) width {width}, batch {batch}: compiling ...", flush=True)
+            run, compile_s, n_params = jax_runner(config, batch, steps, k, args.devices)
+            onednn.FORWARD_AS_BACKWARD_DATA = True
             label = [conv, f"k={k}", args.dtype] + [f"{args.devices} devices"] * (args.devices > 1) + ["no aug"] * args.no_augment
-            row = dict(config=name, width=width, batch=batch, params=n_params, impl=f"jax ({', '.join(label)})",
-                       images_per_s=jax_ips, step_ms=1000 * batch / jax_ips, compile_s=compile_s)
-            rows.append(row)
-            jax_rows.append(row)
-        if torch is None or args.skip_torch or not jax_rows:
+            runners[f"jax ({', '.join(label)})"], meta[f"jax ({', '.join(label)})"] = run, dict(compile_s=compile_s)
+        if not runners:
             continue
-        best = 0.0
-        for channels_last in (False, True):
-            print(f"[{name}] PyTorch eager, channels_last={channels_last} ...", flush=True)
-            ips = torch_images_per_s(width, batch, steps, repeats, config.optim.label_smoothing, channels_last, n_params)
-            rows.append(dict(config=name, width=width, batch=batch, params=n_params,
-                             impl=f"torch eager{' channels_last' if channels_last else ''}",
-                             images_per_s=ips, step_ms=1000 * batch / ips))
-            best = max(best, ips)
-        for row in jax_rows:
-            row["jax_over_torch"] = row["images_per_s"] / best
-        ratios[name] = max(row["jax_over_torch"] for row in jax_rows)
+        if torch is not None and not args.skip_torch:
+            for channels_last in (False, True):
+                runners[f"torch eager{' channels_last' if channels_last else ''}"] = torch_runner(
+                    width, batch, steps, config.optim.label_smoothing, channels_last, n_params)
+        print(f"[{name}] timing {len(runners)} variants, {steps} steps each, interleaved, {repeats} rounds ...", flush=True)
+        medians = interleaved(runners, repeats)
+        best_torch = max((v for impl, v in medians.items() if impl.startswith("torch")), default=None)
+        for impl, ips in medians.items():
+            row = dict(config=name, width=width, batch=batch, params=n_params, impl=impl, images_per_s=ips,
+                       step_ms=1000 * batch / ips, **meta.get(impl, {}))
+            if best_torch and impl.startswith("jax"):
+                row["jax_over_torch"] = ips / best_torch
+            rows.append(row)
+        ratios[name] = max((r["jax_over_torch"] for r in rows if r["config"] == name and "jax_over_torch" in r), default=None)
+        if ratios[name] is None:
+            del ratios[name]
     finish("train_throughput", args, rows, ["config", "width", "batch", "params", "impl", "images_per_s", "step_ms", "compile_s", "jax_over_torch"],
            jax_over_torch=ratios, busy=busy, allocator=malloc)
     for name, r in ratios.items():

@@ -40,6 +40,9 @@ TARGETS = {
     "backward_weights": "OnednnConvBackwardWeights",
 }
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# Stride-1 forward convolutions with <= 32 input channels as oneDNN backward-data calls of the flipped kernel
+# (read when a function is traced; benchmarks/train_throughput.py --convs onednn,onednn-direct compares).
+FORWARD_AS_BACKWARD_DATA = True
 
 
 def _prefixes() -> list[Path]:
@@ -70,7 +73,8 @@ def _library_path() -> Path:
     version = (include / "oneapi" / "dnnl" / "dnnl_version.h").read_bytes()
     key = hashlib.sha256(SOURCE.read_bytes() + version + jaxlib.__version__.encode() + str(libdir).encode()).hexdigest()
     out = default_cache_dir() / "native" / f"onednn_conv-{key[:16]}.so"
-    if out.is_file():
+    digest = out.with_suffix(".sha256")  # Written after a complete build; a damaged .so would crash dlopen.
+    if out.is_file() and digest.is_file() and digest.read_text() == hashlib.sha256(out.read_bytes()).hexdigest():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler = os.environ.get("CXX", "g++")
@@ -86,9 +90,13 @@ def _library_path() -> Path:
     if done.returncode != 0:
         os.unlink(tmp)
         first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])
-        raise RuntimeError(f"compiling the oneDNN extension failed: {first}")
+        raise RuntimeError(f"compiling the oneDNN extension failed: {first or f'{compiler} exited with {done.returncode}'}")
     os.replace(tmp, out)
+    digest.write_text(hashlib.sha256(out.read_bytes()).hexdigest())
     return out
+
+
+_registered: set[str] = set()
 
 
 @functools.cache
@@ -97,7 +105,10 @@ def _load() -> str | None:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_library_path()))
         for name, symbol in TARGETS.items():
-            jax.ffi.register_ffi_target(f"cifar_jax_onednn_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+            handler = jax.ffi.pycapsule(getattr(lib, symbol))
+            if name not in _registered:  # Once per process, even if a rebuilt library is loaded later.
+                jax.ffi.register_ffi_target(f"cifar_jax_onednn_{name}", handler, platform="cpu")
+                _registered.add(name)
     except (RuntimeError, OSError, AttributeError) as e:
         return str(e)
     return None
@@ -171,9 +182,10 @@ def conv2d(x, w, strides: tuple[int, int], padding: tuple[tuple[int, int], tuple
     out_shape = _output_shape(x.shape, w.shape, strides, padding)
     kh, kw = w.shape[:2]
     (pt, pb), (pl, pr) = padding
-    if strides == (1, 1) and max(pt, pb) < kh and max(pl, pr) < kw:
-        # A stride-1 conv is the input gradient of the conv with the flipped, transposed kernel: oneDNN 3.2's
-        # backward-data primitive runs it 1.0-1.8x faster than its forward primitive here, bitwise equal.
+    few_channels = x.shape[-1] <= 32  # Where it measured faster (benchmarks/conv_kernels.py); slower from 64 up.
+    if FORWARD_AS_BACKWARD_DATA and few_channels and strides == (1, 1) and max(pt, pb) < kh and max(pl, pr) < kw:
+        # A stride-1 conv is the input gradient of the conv with the flipped, transposed kernel: with 32 or fewer
+        # input channels oneDNN 3.2's backward-data primitive runs it faster than its forward primitive.
         flipped = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
         transposed = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
         return _call("backward_data", out_shape, x, flipped, strides=strides, padding=transposed)

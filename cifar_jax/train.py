@@ -218,6 +218,10 @@ def setup(config, workdir: Path, dataset):
     run.say(f"Data: {getattr(dataset, 'description', config.data.path)}: {n_train} training and "
             f"{len(dataset.test_labels)} test images, {dataset.num_classes} classes")
     kernels = "oneDNN (cifar_jax.onednn)" if model.conv_general_dilated is not None else "XLA"
+    if kernels == "XLA" and config.model.conv == "auto" and on_cpu:
+        from cifar_jax import onednn
+
+        kernels += f"; not oneDNN: {onednn.unavailable_reason() or 'it needs one CPU device and float32'}"
     run.say(f"Convolutions: {kernels} (model.conv={config.model.conv}); {loop} loop, {k} step(s) per dispatch")
     return run, state
 
