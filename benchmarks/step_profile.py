@@ -4,7 +4,8 @@
 
 Runs train_lib.make_train_step (as train_throughput.py does) under ``jax.profiler.trace``, reads the
 thunk events of the trace, and maps each to its HLO instruction (op_name metadata, custom-call target,
-output shape) to sort it into: convolution forward / input gradient / weight gradient, BatchNorm
+output shape) to sort it into: convolution forward / input gradient / weight gradient, XLA's layout
+copies around its convolutions, BatchNorm
 forward / backward, ReLU-add-pool forward / backward, head + loss, augmentation, optimizer, other.
 The profiler itself costs time (the sum of ops is printed beside the step's wall time); read the
 shares, not the absolute milliseconds. Concurrent ops on two threads can make the sum exceed the wall.
@@ -27,7 +28,7 @@ from _common import ROOT, finish, isa, parser
 
 CONFIGS = {"cpu": ("resnet18_cpu.py", 16, 256), "full": ("resnet18.py", 64, 64)}
 QUICK = {"cpu": ("resnet18_cpu.py", 4, 16), "full": ("resnet18.py", 8, 8)}
-KINDS = ("conv forward", "conv input-gradient", "conv weight-gradient", "BatchNorm forward", "BatchNorm backward",
+KINDS = ("conv forward", "conv input-gradient", "conv weight-gradient", "layout copies", "BatchNorm forward", "BatchNorm backward",
          "ReLU/add/pool forward", "ReLU/add/pool backward", "head + loss", "augmentation", "optimizer", "other")
 
 
@@ -63,15 +64,16 @@ def hlo_instructions(hlo_text: str) -> dict:
     return {name: tuple(entry[:3]) for name, entry in out.items()}
 
 
-def kind_of(op_name: str, target: str, dims: tuple) -> str:
-    """The KINDS entry of one HLO instruction."""
+def kind_of(name: str, op_name: str, target: str, dims: tuple) -> str:
+    """The KINDS entry of one HLO instruction (``name`` is its HLO name, e.g. "transpose_copy_fusion.3")."""
     backward = "transpose(" in op_name
     if target.startswith("cifar_jax_onednn_") or "conv_general_dilated" in op_name:
-        if not backward:
-            return "conv forward"
-        # A weight gradient has the kernel's shape (KH, KW, C, O) with a small window; activations are (N, H, W, C).
-        is_kernel = len(dims) == 4 and dims[0] == dims[1] and dims[0] in (1, 3, 5, 7)
-        return "conv weight-gradient" if is_kernel else "conv input-gradient"
+        # A weight gradient has a kernel's shape (two window dims of 1 or 3, in any layout); activations do not.
+        if len(dims) == 4 and (sorted(dims)[:2] == [3, 3] or sorted(dims)[:2] == [1, 1]):
+            return "conv weight-gradient"
+        return "conv input-gradient" if backward else "conv forward"
+    if name.startswith(("transpose_copy", "copy_transpose", "transpose_fusion", "copy_fusion")):
+        return "layout copies"  # XLA's relayouts around its convolution kernels.
     if "ResNet" in op_name:
         if "/head/" in op_name:
             return "head + loss"
@@ -121,7 +123,7 @@ def profile(config, batch: int, steps: int):
     for e in events:
         if e.get("ph") == "X" and e.get("name") in hlo:
             op_name, target, dims = hlo[e["name"]]
-            kind = kind_of(op_name, target, dims)
+            kind = kind_of(e["name"], op_name, target, dims)
             ms = e.get("dur", 0) / 1000 / steps
             per_kind[kind] += ms
             per_op[(kind, op_name.replace("jit(train_step)/", "") or e["name"])] += ms
