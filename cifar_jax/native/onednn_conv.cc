@@ -136,27 +136,35 @@ ffi::Error guarded(F&& body) {
   }
 }
 
+// Runs a primitive that reads the HWIO weights `w` (forward, backward-data): `in` and `out` are its NHWC
+// activation arguments (src/dst or diff_dst/diff_src).
+void run_with_weights(Kind kind, const Geometry& g, float* w, int in_arg, void* in, int out_arg, void* out) {
+  const Plan& plan = get_plan(kind, g);
+  dnnl::stream stream(cpu_engine());
+  Scratch scratch, wbuf;
+  memory user_w(g.user_weights(), cpu_engine(), w);
+  memory weights = user_w;
+  if (plan.reorder_weights) {
+    weights = memory(plan.weights, cpu_engine(), wbuf.get(plan.weights.get_size()));
+    plan.weight_reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, weights}});
+  }
+  const memory::desc in_desc = kind == kForward ? g.src() : g.dst();
+  const memory::desc out_desc = kind == kForward ? g.dst() : g.src();
+  plan.prim.execute(stream, {{in_arg, memory(in_desc, cpu_engine(), in)},
+                             {DNNL_ARG_WEIGHTS, weights},
+                             {out_arg, memory(out_desc, cpu_engine(), out)},
+                             {DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, cpu_engine(),
+                                                          scratch.get(plan.scratchpad.get_size()))}});
+  stream.wait();
+}
+
 // y = conv(x, w): x (N, H, W, C), w (KH, KW, C, O) -> y (N, OH, OW, O).
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
                    int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   return guarded([&] {
     auto wd = w.dimensions();
     Geometry g = geometry(x.dimensions(), wd[0], wd[1], wd[3], y->dimensions(), sh, sw, pt, pb, pl, pr);
-    const Plan& plan = get_plan(kForward, g);
-    dnnl::stream stream(cpu_engine());
-    Scratch scratch, wbuf;
-    memory user_w(g.user_weights(), cpu_engine(), w.typed_data());
-    memory weights = user_w;
-    if (plan.reorder_weights) {
-      weights = memory(plan.weights, cpu_engine(), wbuf.get(plan.weights.get_size()));
-      plan.weight_reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, weights}});
-    }
-    plan.prim.execute(stream, {{DNNL_ARG_SRC, memory(g.src(), cpu_engine(), x.typed_data())},
-                               {DNNL_ARG_WEIGHTS, weights},
-                               {DNNL_ARG_DST, memory(g.dst(), cpu_engine(), y->typed_data())},
-                               {DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, cpu_engine(),
-                                                            scratch.get(plan.scratchpad.get_size()))}});
-    stream.wait();
+    run_with_weights(kForward, g, w.typed_data(), DNNL_ARG_SRC, x.typed_data(), DNNL_ARG_DST, y->typed_data());
   });
 }
 
@@ -166,21 +174,8 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::
   return guarded([&] {
     auto wd = w.dimensions();
     Geometry g = geometry(dx->dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, pt, pb, pl, pr);
-    const Plan& plan = get_plan(kBackwardData, g);
-    dnnl::stream stream(cpu_engine());
-    Scratch scratch, wbuf;
-    memory user_w(g.user_weights(), cpu_engine(), w.typed_data());
-    memory weights = user_w;
-    if (plan.reorder_weights) {
-      weights = memory(plan.weights, cpu_engine(), wbuf.get(plan.weights.get_size()));
-      plan.weight_reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, weights}});
-    }
-    plan.prim.execute(stream, {{DNNL_ARG_DIFF_DST, memory(g.dst(), cpu_engine(), dy.typed_data())},
-                               {DNNL_ARG_WEIGHTS, weights},
-                               {DNNL_ARG_DIFF_SRC, memory(g.src(), cpu_engine(), dx->typed_data())},
-                               {DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, cpu_engine(),
-                                                            scratch.get(plan.scratchpad.get_size()))}});
-    stream.wait();
+    run_with_weights(kBackwardData, g, w.typed_data(), DNNL_ARG_DIFF_DST, dy.typed_data(), DNNL_ARG_DIFF_SRC,
+                     dx->typed_data());
   });
 }
 
