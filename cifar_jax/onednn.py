@@ -164,10 +164,8 @@ def _call(target: str, out_shape, *args, strides, padding):
     )
 
 
-def _output_shape(x_shape, w_shape, strides, padding):
-    n, h, w, _ = x_shape
-    kh, kw, _, o = w_shape
-    return (n, (h + sum(padding[0]) - kh) // strides[0] + 1, (w + sum(padding[1]) - kw) // strides[1] + 1, o)
+def _output_shape(x_shape, w_shape, strides, padding) -> tuple[int, ...]:
+    return tuple(int(d) for d in jax.lax.conv_general_shape_tuple(x_shape, w_shape, strides, padding, _NHWC))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
