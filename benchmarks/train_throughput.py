@@ -69,8 +69,11 @@ def jax_runner(config, batch, steps, k=1, devices=1):
     return (lambda: calls * k * batch / timed(lambda: run_calls(calls), 1)[0]), compile_s - one / calls, n_params
 
 
-def torch_runner(width, batch, steps, label_smoothing, channels_last, expect_params):
-    """``run()`` times ``steps`` PyTorch eager train steps of the same ResNet18 and returns images/s."""
+def torch_runner(width, batch, steps, label_smoothing, channels_last, expect_params, bfloat16=False):
+    """``run()`` times ``steps`` PyTorch eager train steps of the same ResNet18 and returns images/s.
+
+    ``bfloat16``: under ``torch.autocast("cpu", torch.bfloat16)``, PyTorch's mixed precision (float32 weights).
+    """
     import torch
     from torch import nn
 
@@ -90,7 +93,9 @@ def torch_runner(width, batch, steps, label_smoothing, channels_last, expect_par
     def run_steps(n):
         for _ in range(n):
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+                loss = loss_fn(model(x), y)
+            loss.backward()
             opt.step()
 
     run_steps(2)  # Warm-up (allocator, oneDNN primitive caches).
@@ -111,10 +116,14 @@ def onednn_ready(devices: int, dtype: str) -> bool:
     """Whether model.conv=onednn can run in this benchmark (prints why not)."""
     from cifar_jax import onednn
 
-    reason = onednn.unavailable_reason() or (devices > 1 and "it needs one device") or (dtype != "float32" and "float32 only")
-    if reason:
-        print(f"skipping model.conv=onednn: {reason}")
-    return not reason
+    from cifar_jax.errors import ConfigError
+
+    try:
+        onednn.conv_for("onednn", dtype)
+    except ConfigError as e:
+        print(f"skipping {dtype} oneDNN: {e}")
+        return False
+    return True
 
 
 def main():
@@ -125,9 +134,11 @@ def main():
     p.add_argument("--devices", type=int, default=1, help="CPU devices to shard the JAX batch over (as config.cpu_devices)")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--no-augment", action="store_true", help="JAX step without crop/flip/cutout, like the PyTorch reference")
-    p.add_argument("--dtype", default="float32", help="JAX model.dtype (float32 or bfloat16)")
+    p.add_argument("--dtype", default="float32",
+                   help="comma-separated JAX model.dtype values (float32, bfloat16); bfloat16 adds PyTorch under bf16 autocast")
     p.add_argument("--batch", type=int, help="override the batch of every config (e.g. 512 for the full recipe's)")
     p.add_argument("--steps", type=int, help="override the timed steps per repeat")
+    p.add_argument("--width", type=int, help="override the width of every config (e.g. 24 to price a wider CPU run)")
     p.add_argument("--convs", default="xla,onednn",
                    help="model.conv values to time: xla, onednn (skipped where unavailable), onednn-direct (oneDNN's forward primitive also for stride 1)")
     p.add_argument("--default-malloc", action="store_true", help="skip runtime.keep_freed_memory (glibc defaults, both sides)")
@@ -152,40 +163,48 @@ def main():
     rows, ratios = [], {}
     for name in args.configs.split(","):
         file, width, batch, steps = (QUICK if args.quick else CONFIGS)[name]
-        batch, steps = args.batch or batch, args.steps or steps
+        batch, steps, width = args.batch or batch, args.steps or steps, args.width or width
         config = load_config(ROOT / "experiments" / file)
-        config.model.width, config.model.dtype = width, args.dtype
+        config.model.width = width
         if args.no_augment:
             config.augment.crop_padding, config.augment.flip, config.augment.cutout = 0, False, 0
         k = args.steps_per_dispatch
         steps = max(steps, k)
         runners, meta = {}, {}
-        for conv in args.convs.split(","):
-            if conv.startswith("onednn") and not onednn_ready(args.devices, args.dtype):
-                continue
-            from cifar_jax import onednn
+        for dtype in args.dtype.split(","):
+            config.model.dtype = dtype
+            for conv in args.convs.split(","):
+                if conv.startswith("onednn") and not onednn_ready(args.devices, dtype):
+                    continue
+                from cifar_jax import onednn
 
-            config.model.conv = "onednn" if conv.startswith("onednn") else conv
-            onednn.FORWARD_AS_BACKWARD_DATA = conv != "onednn-direct"  # Read when the step is traced (compiled).
-            print(f"[{name}] JAX ({conv} convs) width {width}, batch {batch}: compiling ...", flush=True)
-            run, compile_s, n_params = jax_runner(config, batch, steps, k, args.devices)
-            onednn.FORWARD_AS_BACKWARD_DATA = True
-            label = [conv, f"k={k}", args.dtype] + [f"{args.devices} devices"] * (args.devices > 1) + ["no aug"] * args.no_augment
-            runners[f"jax ({', '.join(label)})"], meta[f"jax ({', '.join(label)})"] = run, dict(compile_s=compile_s)
+                config.model.conv = "onednn" if conv.startswith("onednn") else conv
+                onednn.FORWARD_AS_BACKWARD_DATA = conv != "onednn-direct"  # Read when the step is traced (compiled).
+                print(f"[{name}] JAX ({conv} convs, {dtype}) width {width}, batch {batch}: compiling ...", flush=True)
+                run, compile_s, n_params = jax_runner(config, batch, steps, k, args.devices)
+                onednn.FORWARD_AS_BACKWARD_DATA = True
+                label = [conv, f"k={k}", dtype] + [f"{args.devices} devices"] * (args.devices > 1) + ["no aug"] * args.no_augment
+                runners[f"jax ({', '.join(label)})"], meta[f"jax ({', '.join(label)})"] = run, dict(compile_s=compile_s)
         if not runners:
             continue
         if torch is not None and not args.skip_torch:
             for channels_last in (False, True):
                 runners[f"torch eager{' channels_last' if channels_last else ''}"] = torch_runner(
                     width, batch, steps, config.optim.label_smoothing, channels_last, n_params)
+            if "bfloat16" in args.dtype.split(","):
+                runners["torch eager channels_last bf16 autocast"] = torch_runner(
+                    width, batch, steps, config.optim.label_smoothing, True, n_params, bfloat16=True)
         print(f"[{name}] timing {len(runners)} variants, {steps} steps each, interleaved, {repeats} rounds ...", flush=True)
         medians = interleaved(runners, repeats)
-        best_torch = max((v for impl, v in medians.items() if impl.startswith("torch")), default=None)
+        def best_torch(bf16: bool):  # Each JAX precision against PyTorch's faster layout at the same precision.
+            return max((v for i, v in medians.items() if i.startswith("torch") and ("bf16" in i) == bf16), default=None)
+
         for impl, ips in medians.items():
             row = dict(config=name, width=width, batch=batch, params=n_params, impl=impl, images_per_s=ips,
                        step_ms=1000 * batch / ips, **meta.get(impl, {}))
-            if best_torch and impl.startswith("jax"):
-                row["jax_over_torch"] = ips / best_torch
+            torch_ips = best_torch("bfloat16" in impl)
+            if torch_ips and impl.startswith("jax"):
+                row["jax_over_torch"] = ips / torch_ips
             rows.append(row)
         ratios[name] = max((r["jax_over_torch"] for r in rows if r["config"] == name and "jax_over_torch" in r), default=None)
         if ratios[name] is None:

@@ -7,7 +7,8 @@ registers them with ``jax.ffi``, and exposes::
 
     conv_general_dilated(lhs, rhs, window_strides, padding, ..., dimension_numbers=...)  # nn.Conv's signature
 
-which runs 2-D, float32, NHWC/HWIO, undilated, ungrouped convolutions (every conv of the ResNets here) as a
+which runs 2-D, NHWC/HWIO, undilated, ungrouped convolutions (every conv of the ResNets here) in float32, or in
+bfloat16 where the CPU has native bfloat16 dot products (``native_bfloat16()``: AVX512-BF16 or AMX), as a
 ``jax.custom_vjp`` over oneDNN's forward, backward-data and backward-weights primitives, and anything else
 through ``lax.conv_general_dilated``. Gradients agree with XLA's to float tolerance (tests/test_onednn.py).
 
@@ -97,6 +98,7 @@ def _library_path() -> Path:
 
 
 _registered: set[str] = set()
+_library: list[ctypes.CDLL] = []  # The loaded extension, once _load() has succeeded.
 
 
 @functools.cache
@@ -104,6 +106,7 @@ def _load() -> str | None:
     """Builds, loads and registers the FFI targets; None when ready, else the reason it cannot be used."""
     try:
         lib = ctypes.cdll.LoadLibrary(str(_library_path()))
+        lib.CifarJaxOnednnNativeBfloat16.restype = ctypes.c_int
         for name, symbol in TARGETS.items():
             handler = jax.ffi.pycapsule(getattr(lib, symbol))
             if name not in _registered:  # Once per process, even if a rebuilt library is loaded later.
@@ -111,7 +114,23 @@ def _load() -> str | None:
                 _registered.add(name)
     except (RuntimeError, OSError, AttributeError) as e:
         return str(e)
+    _library.append(lib)
     return None
+
+
+@functools.cache
+def native_bfloat16() -> bool:
+    """True when ``available()`` and oneDNN finds native bfloat16 instructions (AVX512-BF16 or AMX) on this CPU.
+
+    Without them oneDNN emulates bfloat16 (plain AVX-512) or has no bfloat16 convolution (AVX2): slower than
+    float32, so bfloat16 convolutions then stay on XLA.
+    """
+    return available() and bool(_library[0].CifarJaxOnednnNativeBfloat16())
+
+
+def _dtype_ok(dtype) -> bool:
+    """Whether oneDNN runs convolutions of this element type here: float32, or bfloat16 with native support."""
+    return np.dtype(dtype) == np.float32 or (np.dtype(dtype) == jnp.bfloat16 and native_bfloat16())
 
 
 def available() -> bool:
@@ -127,8 +146,9 @@ def unavailable_reason() -> str | None:
 def conv_for(choice: str, dtype: str):
     """The ``conv_general_dilated`` a model should use for ``model.conv`` = ``choice``: this module's, or None (XLA's).
 
-    "auto": oneDNN when the backend is a single CPU device, ``dtype`` is "float32" and ``available()``; else
-    None. "onednn": the same conditions, each failure a ``ConfigError`` naming it. (On several devices the step
+    "auto": oneDNN when the backend is a single CPU device, ``available()``, and ``dtype`` is "float32" or
+    "bfloat16" on a CPU with ``native_bfloat16()``; else None. "onednn": the same conditions, each failure a
+    ``ConfigError`` naming it. (On several devices the step
     is sharded by XLA, which cannot split a custom call, so it would run whole on every device.)
     """
     from cifar_jax.errors import ConfigError
@@ -139,10 +159,12 @@ def conv_for(choice: str, dtype: str):
         problem = f"it runs on the CPU backend only (this run's is {backend})"
     elif devices != 1:
         problem = f"it needs exactly one CPU device (this run has {devices}: cpu_devices or several processes)"
-    elif dtype != "float32":
-        problem = f"it is float32 only (model.dtype is {dtype})"
+    elif dtype not in ("float32", "bfloat16"):
+        problem = f"it is float32 or bfloat16 only (model.dtype is {dtype})"
     elif not available():
         problem = unavailable_reason()
+    elif dtype == "bfloat16" and not native_bfloat16():
+        problem = "bfloat16 needs a CPU with AVX512-BF16 or AMX (oneDNN would emulate it, slower than XLA)"
     if problem is None:
         return conv_general_dilated
     if choice == "onednn":
@@ -170,7 +192,7 @@ def _output_shape(x_shape, w_shape, strides, padding) -> tuple[int, ...]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x, w, strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]):
-    """oneDNN convolution: x (N, H, W, C) float32, w (KH, KW, C, O) float32 -> (N, OH, OW, O).
+    """oneDNN convolution: x (N, H, W, C), w (KH, KW, C, O) -> (N, OH, OW, O), all float32 or all bfloat16.
 
     ``strides`` (sh, sw) and ``padding`` ((top, bottom), (left, right)) as Python ints. Equal, to float
     tolerance, to ``lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))``.
@@ -209,7 +231,7 @@ def supports(lhs, rhs, lhs_dilation=None, rhs_dilation=None, dimension_numbers=N
     """Whether ``conv_general_dilated`` with these arguments runs on oneDNN (else it falls back to XLA)."""
     from jax import lax
 
-    if lhs.ndim != 4 or lhs.dtype != np.float32 or rhs.dtype != np.float32:
+    if lhs.ndim != 4 or lhs.dtype != rhs.dtype or not _dtype_ok(lhs.dtype):
         return False
     if any(d != 1 for d in (lhs_dilation or (1, 1))) or any(d != 1 for d in (rhs_dilation or (1, 1))):
         return False
@@ -229,7 +251,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """
     from jax import lax
 
-    if available() and preferred_element_type in (None, np.float32) and supports(
+    if available() and preferred_element_type in (None, lhs.dtype) and supports(
         lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, batch_group_count
     ):
         if isinstance(padding, str):

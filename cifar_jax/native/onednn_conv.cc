@@ -2,13 +2,15 @@
 //
 // Why hand-written: XLA:CPU (jaxlib 0.10) runs small-channel convolution gradients at a fraction of this CPU's
 // peak; oneDNN (what PyTorch uses on CPU) JIT-compiles kernels for the ISA it finds. Layouts are JAX's:
-// activations NHWC, weights HWIO, float32. Primitives are built once per shape and cached; each call uses its
-// own scratchpad, so XLA may run calls concurrently.
+// activations NHWC, weights HWIO, float32 or bfloat16 (every buffer of a call the same; oneDNN accumulates in
+// float32 either way). Primitives are built once per shape and type and cached; each call uses its own
+// scratchpad, so XLA may run calls concurrently.
 #include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -28,14 +30,18 @@ dnnl::engine& cpu_engine() {
   return engine;
 }
 
-// Shapes of one convolution: input (n, h, w, c), kernel (kh, kw, c, o), output (oh, ow), strides, paddings.
+// Shapes of one convolution: input (n, h, w, c), kernel (kh, kw, c, o), output (oh, ow), strides, paddings,
+// and the element type of every buffer.
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
-  auto key() const { return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr); }
-  memory::desc src() const { return memory::desc({n, c, h, w}, dt::f32, tag::nhwc); }
-  memory::desc dst() const { return memory::desc({n, o, oh, ow}, dt::f32, tag::nhwc); }
-  memory::desc user_weights() const { return memory::desc({o, c, kh, kw}, dt::f32, tag::hwio); }
-  memory::desc any_weights() const { return memory::desc({o, c, kh, kw}, dt::f32, tag::any); }
+  dt type;
+  auto key() const {
+    return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, static_cast<int>(type));
+  }
+  memory::desc src() const { return memory::desc({n, c, h, w}, type, tag::nhwc); }
+  memory::desc dst() const { return memory::desc({n, o, oh, ow}, type, tag::nhwc); }
+  memory::desc user_weights() const { return memory::desc({o, c, kh, kw}, type, tag::hwio); }
+  memory::desc any_weights() const { return memory::desc({o, c, kh, kw}, type, tag::any); }
   memory::dims strides() const { return {sh, sw}; }
   memory::dims pad_l() const { return {pt, pl}; }
   memory::dims pad_r() const { return {pb, pr}; }
@@ -69,7 +75,7 @@ Plan make_plan(Kind kind, const Geometry& g) {
   auto fwd = forward_pd(g);
   if (kind == kForward) {
     // forward_inference: the same function; oneDNN may pick a faster kernel than for forward_training.
-    dnnl::convolution_forward::primitive_desc pd(cpu_engine(), getenv("FWD_TRAIN") ? dnnl::prop_kind::forward_training : dnnl::prop_kind::forward_inference,
+    dnnl::convolution_forward::primitive_desc pd(cpu_engine(), dnnl::prop_kind::forward_inference,
                                                  dnnl::algorithm::convolution_direct, g.src(), g.any_weights(),
                                                  g.dst(), g.strides(), g.pad_l(), g.pad_r(), user_scratchpad());
     plan.prim = dnnl::convolution_forward(pd);
@@ -119,9 +125,20 @@ struct Scratch {
   }
 };
 
+// The oneDNN type of three buffers that must share one: float32 or bfloat16.
+dt common_type(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, const ffi::AnyBuffer& c) {
+  if (a.element_type() != b.element_type() || a.element_type() != c.element_type())
+    throw std::invalid_argument("operands and result must have one element type");
+  switch (a.element_type()) {
+    case ffi::DataType::F32: return dt::f32;
+    case ffi::DataType::BF16: return dt::bf16;
+    default: throw std::invalid_argument("element type must be float32 or bfloat16");
+  }
+}
+
 Geometry geometry(ffi::Span<const int64_t> in, int64_t kh, int64_t kw, int64_t o, ffi::Span<const int64_t> out,
-                  int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Geometry{in[0], in[1], in[2], in[3], kh, kw, o, out[1], out[2], sh, sw, pt, pb, pl, pr};
+                  int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, dt type) {
+  return Geometry{in[0], in[1], in[2], in[3], kh, kw, o, out[1], out[2], sh, sw, pt, pb, pl, pr, type};
 }
 
 template <typename F>
@@ -138,7 +155,7 @@ ffi::Error guarded(F&& body) {
 
 // Runs a primitive that reads the HWIO weights `w` (forward, backward-data): `in` and `out` are its NHWC
 // activation arguments (src/dst or diff_dst/diff_src).
-void run_with_weights(Kind kind, const Geometry& g, float* w, int in_arg, void* in, int out_arg, void* out) {
+void run_with_weights(Kind kind, const Geometry& g, void* w, int in_arg, void* in, int out_arg, void* out) {
   const Plan& plan = get_plan(kind, g);
   dnnl::stream stream(cpu_engine());
   Scratch scratch, wbuf;
@@ -159,41 +176,45 @@ void run_with_weights(Kind kind, const Geometry& g, float* w, int in_arg, void* 
 }
 
 // y = conv(x, w): x (N, H, W, C), w (KH, KW, C, O) -> y (N, OH, OW, O).
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
-                   int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw,
+                   int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   return guarded([&] {
     auto wd = w.dimensions();
-    Geometry g = geometry(x.dimensions(), wd[0], wd[1], wd[3], y->dimensions(), sh, sw, pt, pb, pl, pr);
-    run_with_weights(kForward, g, w.typed_data(), DNNL_ARG_SRC, x.typed_data(), DNNL_ARG_DST, y->typed_data());
+    Geometry g = geometry(x.dimensions(), wd[0], wd[1], wd[3], y->dimensions(), sh, sw, pt, pb, pl, pr,
+                          common_type(x, w, *y));
+    run_with_weights(kForward, g, w.untyped_data(), DNNL_ARG_SRC, x.untyped_data(), DNNL_ARG_DST,
+                     y->untyped_data());
   });
 }
 
 // dx = conv_transpose(dy, w): dy (N, OH, OW, O), w (KH, KW, C, O) -> dx (N, H, W, C).
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
-                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, int64_t sh,
+                        int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   return guarded([&] {
     auto wd = w.dimensions();
-    Geometry g = geometry(dx->dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, pt, pb, pl, pr);
-    run_with_weights(kBackwardData, g, w.typed_data(), DNNL_ARG_DIFF_DST, dy.typed_data(), DNNL_ARG_DIFF_SRC,
-                     dx->typed_data());
+    Geometry g = geometry(dx->dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, pt, pb, pl, pr,
+                          common_type(dy, w, *dx));
+    run_with_weights(kBackwardData, g, w.untyped_data(), DNNL_ARG_DIFF_DST, dy.untyped_data(), DNNL_ARG_DIFF_SRC,
+                     dx->untyped_data());
   });
 }
 
 // dw = correlation of x and dy: x (N, H, W, C), dy (N, OH, OW, O) -> dw (KH, KW, C, O).
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
-                           int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw, int64_t sh,
+                           int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   return guarded([&] {
     auto wd = dw->dimensions();
-    Geometry g = geometry(x.dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, pt, pb, pl, pr);
+    Geometry g = geometry(x.dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, pt, pb, pl, pr,
+                          common_type(x, dy, *dw));
     const Plan& plan = get_plan(kBackwardWeights, g);
     dnnl::stream stream(cpu_engine());
     Scratch scratch, wbuf;
-    memory user_dw(g.user_weights(), cpu_engine(), dw->typed_data());
+    memory user_dw(g.user_weights(), cpu_engine(), dw->untyped_data());
     memory diff_weights = plan.reorder_weights
                               ? memory(plan.weights, cpu_engine(), wbuf.get(plan.weights.get_size()))
                               : user_dw;
-    plan.prim.execute(stream, {{DNNL_ARG_SRC, memory(g.src(), cpu_engine(), x.typed_data())},
-                               {DNNL_ARG_DIFF_DST, memory(g.dst(), cpu_engine(), dy.typed_data())},
+    plan.prim.execute(stream, {{DNNL_ARG_SRC, memory(g.src(), cpu_engine(), x.untyped_data())},
+                               {DNNL_ARG_DIFF_DST, memory(g.dst(), cpu_engine(), dy.untyped_data())},
                                {DNNL_ARG_DIFF_WEIGHTS, diff_weights},
                                {DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, cpu_engine(),
                                                             scratch.get(plan.scratchpad.get_size()))}});
@@ -205,17 +226,21 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ff
 
 }  // namespace
 
+// 1 when oneDNN runs bfloat16 convolutions with native instructions here (AVX512-BF16 or AMX), else 0: without
+// them oneDNN emulates bfloat16 (AVX-512) or has no bfloat16 convolution at all (AVX2), slower than float32.
+extern "C" int CifarJaxOnednnNativeBfloat16() {
+  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  const auto bf16 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_bf16);
+  return (isa & bf16) == bf16 ? 1 : 0;
+}
+
 #define CONV_ATTRS                                                                                  \
   .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top").Attr<int64_t>("pad_bottom") \
       .Attr<int64_t>("pad_left")                                                                    \
       .Attr<int64_t>("pad_right")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, BackwardData,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, BackwardWeights,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+#define CONV_BINDING ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() CONV_ATTRS
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward, CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, BackwardData, CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, BackwardWeights, CONV_BINDING);
