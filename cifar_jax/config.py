@@ -288,7 +288,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.zero_init_residual = False  # Start each block's last BatchNorm scale at 0 (the block begins as identity).
     # Convolution kernels for training: "onednn" (cifar_jax.onednn; needs pip install -e ".[onednn]" and a C++
     # compiler; 2-3x XLA's images/s on CPU, docs/benchmarks.md), "xla", or "auto" = onednn when it is
-    # installed, the backend is one CPU device and the model float32, else xla. Same parameters either way.
+    # installed, the backend is one CPU device and the model float32 (or bfloat16 on a CPU with AVX512-BF16
+    # or AMX), else xla. Same parameters either way.
     c.model.conv = "auto"
 
     c.data = ml_collections.ConfigDict()
