@@ -21,7 +21,7 @@ import types
 
 import numpy as np
 
-from _common import ROOT, finish, parser, timed, warn_if_busy
+from _common import ROOT, measured_cpu_config, finish, parser, timed, warn_if_busy
 
 
 def import_pytorch_grad_cam():
@@ -60,12 +60,11 @@ def main():
     from cifar_jax import train_lib
     from cifar_jax.augment import normalize
     from cifar_jax.cam import compute_cams
-    from cifar_jax.config import load_config
     from cifar_jax.data import load_dataset
 
     if args.quick:
         args.n, args.width, args.repeats = 8, 4, 2
-    config = load_config(ROOT / "experiments" / "resnet18_cpu.py")
+    config = measured_cpu_config()  # Width (--width) and float32 when no --workdir is given.
     config.data.path = str(ROOT / config.data.path)
     dataset = load_dataset(config.data)
     if args.workdir:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, finish, parser, warn_if_busy
+from _common import ROOT, measured_cpu_config, finish, parser, warn_if_busy
 
 
 def child(quick: bool) -> None:
@@ -30,13 +30,13 @@ def child(quick: bool) -> None:
     import jax
     import numpy as np
 
+    import cifar_jax.config  # noqa: F401  Imported before t_import, as the phases always counted it.
     from cifar_jax import train_lib
-    from cifar_jax.config import load_config
     from cifar_jax.runtime import enable_compilation_cache
 
     enable_compilation_cache()
     t_import = time.perf_counter()
-    config = load_config(ROOT / "experiments" / "resnet18_cpu.py")
+    config = measured_cpu_config()
     if quick:
         config.model.width, config.batch_size = 4, 16
     mesh = train_lib.make_mesh()

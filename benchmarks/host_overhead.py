@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from _common import ROOT, finish, parser, timed, warn_if_busy
+from _common import ROOT, measured_cpu_config, finish, parser, timed, warn_if_busy
 
 
 def main():
@@ -29,10 +29,9 @@ def main():
     import jax
 
     from cifar_jax import train_lib
-    from cifar_jax.config import load_config
     from cifar_jax.data import load_dataset
 
-    config = load_config(ROOT / "experiments" / "resnet18_cpu.py")  # Width 16, batch 256.
+    config = measured_cpu_config()  # Width 16, float32, batch 256.
     if args.quick:
         config.model.width, config.batch_size, args.max_train, args.repeats = 4, 32, 128, 2
     config.data.max_train, config.data.max_test = args.max_train, 1

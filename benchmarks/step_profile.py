@@ -137,6 +137,7 @@ def main():
     p.add_argument("--convs", default="xla,onednn")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=0, help="also print the N most expensive instructions")
+    p.add_argument("--dtype", default="float32", help="model.dtype (float32, or bfloat16 where oneDNN has native bfloat16)")
     args = p.parse_args()
     from cifar_jax import onednn, runtime
     from cifar_jax.config import load_config
@@ -152,9 +153,10 @@ def main():
                 continue
             config = load_config(ROOT / "experiments" / file)
             config.model.width, config.model.conv, config.cpu_devices = width, conv, 0
+            config.model.dtype = args.dtype  # Not the config file's (the CPU config computes in bfloat16).
             per_kind, wall, top = profile(config, batch, 1 if args.quick else args.steps)
             total = sum(per_kind.values())
-            row = dict(config=name, width=width, batch=batch, conv=conv, wall_ms=wall, sum_of_ops_ms=total)
+            row = dict(config=name, width=width, batch=batch, conv=conv, dtype=args.dtype, wall_ms=wall, sum_of_ops_ms=total)
             row.update({k: per_kind.get(k, 0.0) for k in KINDS})
             rows.append(row)
             print(f"\n[{name}, {conv} convs] wall {wall:.0f} ms/step (profiled), ops sum {total:.0f} ms")
@@ -163,7 +165,7 @@ def main():
             for ms, kind, op in top[: args.top]:
                 print(f"    {ms:7.2f} ms  {kind:22s} {op[:100]}")
     print()
-    finish("step_profile", args, rows, ["config", "width", "batch", "conv", "wall_ms", "sum_of_ops_ms", *KINDS])
+    finish("step_profile", args, rows, ["config", "width", "batch", "conv", "dtype", "wall_ms", "sum_of_ops_ms", *KINDS])
 
 
 if __name__ == "__main__":
