@@ -39,7 +39,7 @@ SHAPE_FIELDS = (("model", "name"), ("model", "width"), ("data", "image_size"))
 # data.source may name the same data another way (a run from before "auto" was the default says
 # "folder"); the data itself is compared separately (sizes, classes, channel statistics).
 RESUMABLE_FIELDS = ("log.", "checkpoint.", "distributed.", "cpu_devices", "steps_per_dispatch", "loop", "eval_batch_size",
-                    "model.conv", "fresh", "data.source", "data.path", "data.cache", "data.download", "data.url")
+                    "model.conv", "fresh", "eval_every", "data.source", "data.path", "data.cache", "data.download", "data.url")
 
 
 class CheckpointError(UserError):
@@ -313,7 +313,7 @@ def candidate_steps(manager, workdir, which: int | str) -> list[int]:
                 break
             except Exception:
                 unreadable.append(s)  # Cannot be ranked; tried first so that load_intact reports it as damaged.
-        scored = sorted((r for r in history if r["step"] in steps), key=lambda r: (r["test_accuracy"], r["step"]), reverse=True)
+        scored = sorted((r for r in history if r["step"] in steps and "test_accuracy" in r), key=lambda r: (r["test_accuracy"], r["step"]), reverse=True)
         ranked = list(dict.fromkeys(r["step"] for r in scored))
         return unreadable + ranked + [s for s in steps if s not in ranked and s not in unreadable]
     try:

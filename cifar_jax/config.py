@@ -167,9 +167,12 @@ RULES: dict[str, Rule] = {
     "cpu_devices": integer(0),
     "fresh": BOOL,
     "eval_flip": BOOL,
+    "eval_translate": integer(0, 8),
+    "eval_every": integer(1),
     "model.name": choice(*MODELS),
     "model.width": integer(1),
     "model.dtype": choice(*DTYPES),
+    "model.norm_dtype": choice("same", *DTYPES),
     "model.zero_init_residual": BOOL,
     "model.conv": choice("auto", "xla", "onednn"),
     "data.source": choice(*DATA_SOURCES),
@@ -280,11 +283,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.cpu_devices = 0
     c.fresh = False  # True: delete the checkpoints already in the workdir and start over.
     c.eval_flip = False  # Test-time augmentation: average the logits of the image and its mirror.
+    # More test-time augmentation (airbench's): also average (half weight) the views of the image shifted this many
+    # pixels up-left and down-right; 0 = off. 3x the evaluation's cost (with eval_flip: 6 forward passes an image).
+    c.eval_translate = 0
+    # Evaluate on the test set every N epochs and after the last; epochs between have no test metrics (and cannot
+    # be the best checkpoint). Evaluation is ~10% of a CPU epoch with eval_flip; more with eval_translate.
+    c.eval_every = 1
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet18"  # A key of cifar_jax.models.MODELS.
     c.model.width = 64  # Channels of the stem and first stage (64 = the original, 11,173,962 parameters).
     c.model.dtype = "float32"  # Compute dtype; parameters and logits stay float32.
+    # BatchNorm's compute dtype: "same" as model.dtype, or e.g. float32 around bfloat16 convolutions (XLA:CPU's
+    # BatchNorm on bfloat16 is slow: docs/benchmarks.md).
+    c.model.norm_dtype = "same"
     c.model.zero_init_residual = False  # Start each block's last BatchNorm scale at 0 (the block begins as identity).
     # Convolution kernels for training: "onednn" (cifar_jax.onednn; needs pip install -e ".[onednn]" and a C++
     # compiler; 2-3x XLA's images/s on CPU, docs/benchmarks.md), "xla", or "auto" = onednn when it is

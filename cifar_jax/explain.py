@@ -65,7 +65,7 @@ def _run(args) -> int:
     inference.check_layer(trained, args.layer)
     target = inference.class_index(args.target, trained.class_names)
     print(f"Model: step {trained.step} of {args.workdir} ({trained.config.model.name} width {trained.config.model.width}"
-          f"{', flip-averaged predictions' if trained.eval_flip else ''})")
+          f"{f', predictions averaged over {trained.describe_views()}' if trained.describe_views() else ''})")
     out = Path(args.out) if args.out else Path(args.workdir) / "explain"
     out.mkdir(parents=True, exist_ok=True)
     if args.evaluate:

@@ -61,7 +61,7 @@ class DeviceFeed:
 def host_evaluator(mesh, dataset, config, mean, std):
     """Test-set evaluation batch by batch from the host (the CPU default)."""
 
-    step = train_lib.make_eval_step(mesh, flip=config.eval_flip)
+    step = train_lib.make_eval_step(mesh, flip=config.eval_flip, translate=config.eval_translate)
     return lambda state: train_lib.evaluate(step, state, dataset.test_images, dataset.test_labels, mesh,
                                             config.eval_batch_size, mean, std)
 
@@ -70,7 +70,7 @@ def device_evaluator(mesh, dataset, config, mean, std):
     """Test-set evaluation in one dispatch, the test set uploaded once."""
 
     xs, ys, masks = train_lib.put_eval_set(mesh, dataset.test_images, dataset.test_labels, config.eval_batch_size)
-    run = train_lib.make_device_evaluate(mesh, flip=config.eval_flip)
+    run = train_lib.make_device_evaluate(mesh, flip=config.eval_flip, translate=config.eval_translate)
     labels = dataset.test_labels
 
     def evaluate(state):

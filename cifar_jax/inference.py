@@ -1,7 +1,7 @@
 """A trained model and what is computed from its predictions: ONE predictor for every consumer.
 
 Training's evaluation, the report, the explain CLI and the faithfulness metrics all go
-through ``models.eval_logits`` (flip-averaged when the run used ``eval_flip``), so a
+through ``models.eval_logits`` (with the run's test-time views: ``eval_flip``, ``eval_translate``), so a
 report's confusion matrix, its misclassified images and their heat maps describe the
 same predictor::
 
@@ -76,21 +76,31 @@ class TrainedModel:
         """Whether predictions average the image and its mirror (the run's ``eval_flip``)."""
         return bool(self.config.get("eval_flip", False))
 
+    @property
+    def eval_translate(self) -> int:
+        """Pixels of the shifted test-time views predictions also average (the run's ``eval_translate``; 0 = none)."""
+        return int(self.config.get("eval_translate", 0))
+
+    def describe_views(self) -> str:
+        """The test-time views predictions average, in words: "" (the image alone), "image + mirror", ..."""
+        views = ["image"] + ["mirror"] * self.eval_flip + [f"{self.eval_translate}-px shifts"] * bool(self.eval_translate)
+        return " + ".join(views) if len(views) > 1 else ""
+
     @functools.cached_property
     def logits_fn(self) -> Partial:
         """(N, H, W, 3) *normalised* images -> (N, C) logits, as a pytree (variables are its leaves).
 
         The same object every call, so jitted metrics that take it compile once.
         """
-        return Partial(EvalLogits(self.model.apply, self.eval_flip), self.variables)
+        return Partial(EvalLogits(self.model.apply, self.eval_flip, self.eval_translate), self.variables)
 
     @functools.cached_property
     def _logits_of_uint8(self):
-        apply, flip, mean, std = self.model.apply, self.eval_flip, self.mean, self.std
-        return jax.jit(lambda variables, x: eval_logits(apply, variables, normalize(x, mean, std), flip))
+        apply, flip, translate, mean, std = self.model.apply, self.eval_flip, self.eval_translate, self.mean, self.std
+        return jax.jit(lambda variables, x: eval_logits(apply, variables, normalize(x, mean, std), flip, translate))
 
     def logits(self, images):
-        """(N, H, W, 3) uint8 images -> (N, C) float32 logits: THE predictor (flip-averaged if trained so)."""
+        """(N, H, W, 3) uint8 images -> (N, C) float32 logits: THE predictor (with the run's test-time views)."""
         return self._logits_of_uint8(self.variables, images)
 
 

@@ -106,11 +106,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    tested = [r for r in history if "test_accuracy" in r]  # eval_every > 1: not every epoch is evaluated.
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [r["test_loss"] for r in history], "s-", label="test")
+    ax_loss.plot([r["epoch"] for r in tested], [r["test_loss"] for r in tested], "s-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     ax_acc.plot(epochs, [100 * r["train_accuracy"] for r in history], "o-", label="train (augmented)")
-    ax_acc.plot(epochs, [100 * r["test_accuracy"] for r in history], "s-", label="test")
+    ax_acc.plot([r["epoch"] for r in tested], [100 * r["test_accuracy"] for r in tested], "s-", label="test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -187,7 +188,8 @@ def build_report(workdir, data_path: str | None = None, num_images: int = 20, st
         viz.image_grid(workdir / "gradcam.png", images, titles, overlays=viz.explanation_pictures(images, expl), cols=5,
                        title="Grad-CAM (layer4, predicted class) over misclassified test images")
     report = class_report(ds.test_labels, preds.predicted, names)
-    per_epoch = [f"## Epoch {r['epoch']}\n\n" + format_report_table(r["classification_report"], names) for r in history]
+    per_epoch = [f"## Epoch {r['epoch']}\n\n" + format_report_table(r["classification_report"], names)
+                 for r in history if "classification_report" in r]
     write_text_atomic(workdir / "classification_reports.md",
                       "# Per-epoch classification reports (test set)\n\n" + "\n\n".join(per_epoch) + "\n")
     path = workdir / "REPORT.md"
@@ -202,12 +204,13 @@ def _titles(preds, indices, names) -> list[str]:
 
 def _report_text(trained, history, ds, preds, worst, report) -> str:
     config, names = trained.config, list(trained.class_names)
-    best = max(history, key=lambda r: r["test_accuracy"])
-    final = history[-1]
+    best = max((r for r in history if "test_accuracy" in r), key=lambda r: r["test_accuracy"])
+    final = history[-1]  # Always evaluated.
     total_time = sum(r["epoch_time_s"] for r in history)
     epochs = "\n".join(
-        f"| {r['epoch']} | {r['train_loss']:.4f} | {100 * r['train_accuracy']:.2f} | {r['test_loss']:.4f} | "
-        f"{100 * r['test_accuracy']:.2f} | {r['lr']:.4g} | {r['epoch_time_s']:.1f} |"
+        f"| {r['epoch']} | {r['train_loss']:.4f} | {100 * r['train_accuracy']:.2f} | "
+        + (f"{r['test_loss']:.4f} | {100 * r['test_accuracy']:.2f} |" if "test_accuracy" in r else "- | - |")
+        + f" {r['lr']:.4g} | {r['epoch_time_s']:.1f} |"
         for r in history
     )
     probs = preds.probabilities
@@ -217,7 +220,9 @@ def _report_text(trained, history, ds, preds, worst, report) -> str:
     )
     ls = config.optim.label_smoothing
     smoothing_note = f" (the train loss is against labels smoothed by {ls:g}, so it sits above the test loss)" if ls else ""
-    predictor = "the mean of the logits of each image and its mirror (`eval_flip`)" if trained.eval_flip else "the logits of each image"
+    views = trained.describe_views()
+    predictor = (f"the mean of the logits of its test-time views ({views}: `eval_flip`, `eval_translate`)" if views
+                 else "the logits of each image")
     data_desc = getattr(ds, "description", None) or (
         f"image folder `{Path(config.data.path).name}`" if config.data.source == "folder" else f"`{config.data.source}` {config.data.name}"
     )

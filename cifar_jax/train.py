@@ -166,15 +166,16 @@ def _train_locked(run: Run, manager, state) -> list[dict]:
         with catch_signals() as stop, EpochLog(run) as log:
             for epoch in range(progress.epoch, config.epochs):
                 state, progress, train_time = run_epoch(run, state, progress, stop, manager, history)
-                record = epoch_record(run, state, progress, train_time)
+                last = epoch + 1 == config.epochs
+                record = epoch_record(run, state, progress, train_time, evaluate=last or (epoch + 1) % config.eval_every == 0)
                 history.append(record)
                 progress = Progress(epoch=epoch + 1)
                 log.write(record)
-                last = epoch + 1 == config.epochs
                 every = config.checkpoint.every_epochs
                 if last or (every and (epoch + 1) % every == 0):
+                    tested = "test_accuracy" in record  # Only evaluated epochs can be kept as the best.
                     ckpt.save(manager, state, {**run.meta, "history": history, "progress": dataclasses.asdict(progress)},
-                              metrics={"test_accuracy": record["test_accuracy"]})
+                              metrics={"test_accuracy": record["test_accuracy"]} if tested else None)
                 if stop.signum is not None and not last:
                     save_and_stop(run, manager, state, history, progress, stop.signum)
     finally:
@@ -368,28 +369,28 @@ def check_finite(metrics: dict, state, epoch: int, manager) -> None:
         )
 
 
-def epoch_record(run: Run, state, progress: Progress, train_time: float) -> dict:
-    """Evaluates on the test set and returns the epoch's metrics record (also printed)."""
+def epoch_record(run: Run, state, progress: Progress, train_time: float, evaluate: bool = True) -> dict:
+    """The epoch's metrics record (also printed), with test metrics if ``evaluate`` (see ``eval_every``)."""
     t0 = time.time()
-    test = run.evaluate(state)
     step = int(jax.device_get(state.step))
-    names = run.dataset.class_names
-    report = reporting.class_report(run.dataset.test_labels, test["predictions"], names)
     record = {
         "epoch": progress.epoch + 1,
         "step": step,
         "lr": float(run.schedule(step - 1)),
         "train_loss": progress.loss,
         "train_accuracy": progress.accuracy,
-        "test_loss": test["loss"],
-        "test_accuracy": test["accuracy"],
-        "train_time_s": train_time,
-        "epoch_time_s": train_time + time.time() - t0,
-        "classification_report": report,
     }
-    run.say(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
-            f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f} | {record['epoch_time_s']:.1f}s")
-    run.say(reporting.format_class_report(report, names) + "\n")
+    line = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
+    if evaluate:
+        test = run.evaluate(state)
+        names = run.dataset.class_names
+        report = reporting.class_report(run.dataset.test_labels, test["predictions"], names)
+        record.update(test_loss=test["loss"], test_accuracy=test["accuracy"], classification_report=report)
+        line += f" | test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
+    record.update(train_time_s=train_time, epoch_time_s=train_time + time.time() - t0)
+    run.say(f"{line} | {record['epoch_time_s']:.1f}s")
+    if evaluate:
+        run.say(reporting.format_class_report(report, names) + "\n")
     return record
 
 
@@ -446,7 +447,8 @@ class EpochLog:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
             for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr"):
-                self.tensorboard.add_scalar(key, record[key], record["epoch"])
+                if key in record:  # Test metrics only on evaluated epochs (eval_every).
+                    self.tensorboard.add_scalar(key, record[key], record["epoch"])
             self.tensorboard.flush()
 
     def __enter__(self):

@@ -146,18 +146,18 @@ def train_step(state: TrainState, images, labels, mean, std, *, aug, label_smoot
     return state, metrics
 
 
-def eval_step(state: TrainState, images, labels, mask, mean, std, *, flip=False):
+def eval_step(state: TrainState, images, labels, mask, mean, std, *, flip=False, translate=0):
     """Evaluates a (padded) batch with running BatchNorm statistics.
 
     Args:
       images: (B, H, W, 3) uint8; labels: (B,) int32; mask: (B,) bool, False on padding.
-      flip: also run the mirrored images and average the logits.
+      flip, translate: test-time augmentation, as in ``models.eval_logits``.
 
     Returns:
       {"logits": (B, classes) float32, "loss": (B,) float32 (0 on padding)}.
     """
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits = eval_logits(state.apply_fn, variables, normalize(images, mean, std), flip)
+    logits = eval_logits(state.apply_fn, variables, normalize(images, mean, std), flip, translate)
     loss = cross_entropy(logits, labels, logits.shape[-1]) * mask
     return {"logits": logits, "loss": loss}
 
@@ -244,7 +244,7 @@ def put_eval_set(mesh, images: np.ndarray, labels: np.ndarray, batch_size: int):
     return put(x), put(y), put(mask)
 
 
-def make_device_evaluate(mesh, *, flip: bool = False):
+def make_device_evaluate(mesh, *, flip: bool = False, translate: int = 0):
     """Compiles a whole-split evaluation: ``fn(state, xs, ys, masks, mean, std) -> {"predictions", "loss_sum"}``.
 
     Inputs from ``put_eval_set``; one dispatch runs every batch (``lax.map``) and returns
@@ -253,17 +253,18 @@ def make_device_evaluate(mesh, *, flip: bool = False):
     repl, data = replicated(mesh), NamedSharding(mesh, P(None, "data"))
 
     def run(state, xs, ys, masks, mean, std):
-        out = jax.lax.map(lambda b: eval_step(state, b[0], b[1], b[2], mean, std, flip=flip), (xs, ys, masks))
+        out = jax.lax.map(lambda b: eval_step(state, b[0], b[1], b[2], mean, std, flip=flip, translate=translate),
+                           (xs, ys, masks))
         return {"predictions": jnp.argmax(out["logits"], -1), "loss_sum": out["loss"].sum()}
 
     return jax.jit(run, in_shardings=(repl, data, data, data, repl, repl), out_shardings=repl)
 
 
-def make_eval_step(mesh, *, flip: bool = False):
+def make_eval_step(mesh, *, flip: bool = False, translate: int = 0):
     """Compiles eval_step for ``mesh``; outputs are gathered (replicated) so every host can read them."""
     repl, data = replicated(mesh), batch_sharded(mesh)
     return jax.jit(
-        functools.partial(eval_step, flip=flip),
+        functools.partial(eval_step, flip=flip, translate=translate),
         in_shardings=(repl, data, data, data, repl, repl),
         out_shardings=repl,
     )
@@ -284,7 +285,7 @@ def evaluate(eval_step, state, images, labels, mesh, batch_size: int, mean, std)
     """Test loss, accuracy and (M,) predictions over a whole split, padding the last batch.
 
     Args:
-      eval_step: from ``make_eval_step(mesh, flip=...)``.
+      eval_step: from ``make_eval_step(mesh, flip=..., translate=...)``.
       images: (M, H, W, 3) uint8 and labels (M,) int32, the same full arrays on every process.
       batch_size: rounded up to a multiple of the device count.
 

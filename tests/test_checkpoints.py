@@ -190,3 +190,25 @@ def test_tensorboard_scalars_on_request(cifar_archive, tmp_path):
     assert run(tmp_path, cifar_archive, epochs=1, **{"log.tensorboard": True}) == 0
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and b"test_accuracy" in events[0].read_bytes()
+
+
+def test_eval_every_skips_test_metrics_not_training(reference, cifar_archive, tmp_path):
+    """eval_every=2 over 3 epochs: epoch 1 has no test metrics, 2 and 3 (the last) match the reference's;
+    training is unchanged, the best checkpoint is an evaluated one and the report marks the gap."""
+    from cifar_jax import reporting
+    from cifar_jax.checkpoints import candidate_steps
+
+    assert run(tmp_path, cifar_archive, eval_every=2) == 0
+    ref, got = metrics(reference), metrics(tmp_path)
+    assert ["test_accuracy" in r for r in got] == [False, True, True]
+    assert "classification_report" not in got[0]
+    assert [{k: r[k] for k in ("step", "train_loss", "train_accuracy")} for r in got] == \
+           [{k: r[k] for k in ("step", "train_loss", "train_accuracy")} for r in ref]
+    assert got[1:] == ref[1:]
+    with make_manager(tmp_path, read_only=True) as manager:
+        best = candidate_steps(manager, tmp_path, "best")[0]
+    assert best in {r["step"] for r in got[1:]}
+    report = reporting.build_report(tmp_path)
+    text = report.path.read_text()
+    assert "| 1 | " in text and "| - | - |" in text
+    assert "## Epoch 1\n" not in (tmp_path / "classification_reports.md").read_text()

@@ -128,3 +128,18 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v["params"]))
     assert model.apply(v, jnp.ones((2, 32, 32, 3))).dtype == jnp.float32
     assert model.apply(v, jnp.ones((2, 32, 32, 3)), end="layer4").dtype == jnp.bfloat16
+
+
+def test_float32_batchnorm_around_bfloat16_convs():
+    """norm_dtype=float32: same parameters, BatchNorm outputs float32, logits within bfloat16 rounding of "same"."""
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    same = get_model("resnet18", width=4, dtype=jnp.bfloat16)
+    wide = get_model("resnet18", width=4, dtype=jnp.bfloat16, norm_dtype=jnp.float32)
+    v = same.init(jax.random.key(0), x)
+    assert jax.tree.structure(v) == jax.tree.structure(wide.init(jax.random.key(0), x))
+    assert same.apply(v, x, end="layer2").dtype == jnp.bfloat16
+    assert wide.apply(v, x, end="layer2").dtype == jnp.float32
+    a, b = same.apply(v, x), wide.apply(v, x)
+    full = get_model("resnet18", width=4).apply(v, x)
+    assert not np.array_equal(a, b)  # BatchNorm really ran in another precision
+    np.testing.assert_allclose(b, full, atol=0.05 * float(jnp.abs(full).max()))

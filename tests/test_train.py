@@ -167,3 +167,20 @@ def test_cpu_devices_splits_the_host_and_matches_one_device(cifar_archive, tmp_p
     # Same maths in another reduction order: equal to float tolerance, not bitwise.
     np.testing.assert_allclose(runs[2]["train_loss"], runs[1]["train_loss"], rtol=1e-4)
     np.testing.assert_allclose(runs[2]["test_loss"], runs[1]["test_loss"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_eval_translate_averages_airbench_views(flip):
+    """translate=t: half the (mirror-averaged) logits of the image, a quarter each of it shifted t px up-left/down-right."""
+    from cifar_jax.models import eval_logits
+
+    apply_fn = lambda variables, x, train: x[:, 0, 0, :] + variables * x[:, 1, 2, :]  # "logits" that see position
+    images = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    x = np.asarray(images)
+    view = lambda im: im[:, 0, 0, :] + 2.0 * im[:, 1, 2, :]
+    views = (lambda im: 0.5 * (view(im) + view(im[:, :, ::-1]))) if flip else view
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    expected = 0.5 * views(x) + 0.25 * views(padded[:, :6, :6]) + 0.25 * views(padded[:, 2:, 2:])
+    np.testing.assert_allclose(eval_logits(apply_fn, 2.0, images, flip, translate=1), expected, rtol=1e-6)
+    np.testing.assert_allclose(eval_logits(apply_fn, 2.0, images, flip), views(x), rtol=1e-6)
+    assert not np.allclose(expected, views(x))

@@ -2,7 +2,8 @@
 
 ``get_model(name, **kwargs)`` returns a Flax module; ``build_model(model_config, num_classes)``
 the module a config's ``model`` block describes; ``eval_logits`` applies it in eval mode,
-optionally averaging with the mirrored images (``config.eval_flip``).
+optionally averaging over test-time views: the mirrored images (``config.eval_flip``) and images
+shifted by a few pixels (``config.eval_translate``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def get_model(name: str, **kwargs) -> ResNet:
 
 
 def build_model(config, num_classes: int, conv: str | None = None) -> ResNet:
-    """The module a run config's ``model`` block describes (name, width, dtype, zero_init_residual, conv).
+    """The module a run config's ``model`` block describes (name, width, dtype, norm_dtype, zero_init_residual, conv).
 
     ``conv`` overrides ``config.model.conv`` ("auto", "xla", "onednn"); trained-model inference passes
     "xla", since CAM methods vmap the model, which the oneDNN kernels only run one element at a time.
@@ -40,20 +41,34 @@ def build_model(config, num_classes: int, conv: str | None = None) -> ResNet:
         from cifar_jax import onednn
 
         kernel = onednn.conv_for(choice, m.dtype)
+    norm_dtype = m.get("norm_dtype", "same")  # Configs saved before norm_dtype existed: same as dtype.
     return get_model(m.name, width=m.width, num_classes=num_classes, dtype=DTYPES[m.dtype],
+                     norm_dtype=None if norm_dtype == "same" else DTYPES[norm_dtype],
                      zero_init_residual=m.zero_init_residual, conv_general_dilated=kernel)
 
 
-def eval_logits(apply_fn, variables, images, flip: bool = False):
+def eval_logits(apply_fn, variables, images, flip: bool = False, translate: int = 0):
     """Eval-mode logits: (N, H, W, 3) normalised images -> (N, classes) float32.
 
-    ``apply_fn`` is a module's ``apply``; with ``flip`` the logits of the image and its
-    left-right mirror are averaged (test-time augmentation). Training's evaluation, the
-    trained-model predictor, reports, explanations and faithfulness metrics all call this.
+    ``apply_fn`` is a module's ``apply``. Test-time augmentation: with ``flip`` the logits of the
+    image and its left-right mirror are averaged; with ``translate`` = t > 0, airbench's
+    "mirror + translate": half those logits plus a quarter each of the same for the image shifted
+    t pixels up-left and down-right (reflect padding). Training's evaluation, the trained-model
+    predictor, reports, explanations and faithfulness metrics all call this.
     """
-    logits = apply_fn(variables, images, train=False).astype(jnp.float32)
-    if flip:
-        logits = 0.5 * (logits + apply_fn(variables, images[:, :, ::-1], train=False).astype(jnp.float32))
+
+    def views(x):
+        logits = apply_fn(variables, x, train=False).astype(jnp.float32)
+        if flip:
+            logits = 0.5 * (logits + apply_fn(variables, x[:, :, ::-1], train=False).astype(jnp.float32))
+        return logits
+
+    logits = views(images)
+    if translate:
+        t, (h, w) = translate, images.shape[1:3]
+        padded = jnp.pad(images, ((0, 0), (t, t), (t, t), (0, 0)), mode="reflect")
+        shifted = 0.5 * (views(padded[:, :h, :w]) + views(padded[:, 2 * t:, 2 * t:]))
+        logits = 0.5 * (logits + shifted)
     return logits
 
 
@@ -67,9 +82,10 @@ class EvalLogits:
 
     apply_fn: Callable
     flip: bool = False
+    translate: int = 0
 
     def __call__(self, variables, images):
-        return eval_logits(self.apply_fn, variables, images, self.flip)
+        return eval_logits(self.apply_fn, variables, images, self.flip, self.translate)
 
 
 __all__ = [

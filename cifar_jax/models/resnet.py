@@ -124,6 +124,8 @@ class ResNet(nn.Module):
       num_classes: size of the dense head.
       width: channels of the stem and the first stage (64 in the original).
       dtype: computation dtype (params stay float32), e.g. jnp.bfloat16.
+      norm_dtype: BatchNorm's computation and output dtype; None = ``dtype``. float32 around bfloat16
+        convolutions is faster on XLA:CPU, whose BatchNorm on bfloat16 tensors is slow (docs/benchmarks.md).
       zero_init_residual: start each block's last BN scale at zero.
       act: the nonlinearity (guided backpropagation swaps in a guided ReLU).
       conv_general_dilated: the convolution every ``nn.Conv`` calls (None: ``lax.conv_general_dilated``),
@@ -135,6 +137,7 @@ class ResNet(nn.Module):
     num_classes: int = 10
     width: int = 64
     dtype: Any = jnp.float32
+    norm_dtype: Any = None
     zero_init_residual: bool = False
     act: Callable = nn.relu
     conv_general_dilated: Callable | None = None
@@ -161,7 +164,8 @@ class ResNet(nn.Module):
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init, conv_general_dilated=self.conv_general_dilated
         )
         norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            dtype=self.dtype if self.norm_dtype is None else self.norm_dtype,
         )
         x = jnp.asarray(x, self.dtype)
         for index in range(first, last + 1):
