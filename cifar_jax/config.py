@@ -241,6 +241,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
          f"distributed.process_id {c.distributed.process_id} must be < distributed.num_processes {c.distributed.num_processes}"),
         (c.augment.pad_mode != "reflect" or c.augment.crop_padding < c.data.image_size,
          f"augment.crop_padding {c.augment.crop_padding} must be < data.image_size {c.data.image_size} for reflect padding"),
+        (c.eval_translate < c.data.image_size,
+         f"eval_translate {c.eval_translate} must be < data.image_size {c.data.image_size} (reflect padding)"),
         (c.data.source != "folder" or bool(c.data.path), "data.path is empty: give the image-folder tree or its .tar.gz"),
         (c.data.source != "folder" or Path(c.data.path).exists(), f"data.path {c.data.path!r} does not exist"),
         (  # A mistyped path is an error, not a silent download; only the default (or "") may be missing.

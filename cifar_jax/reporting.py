@@ -1,10 +1,10 @@
 """A run's results as files: curves, confusion matrix, misclassified images, Grad-CAM, REPORT.md.
 
 ``build_report(workdir)`` writes, into the workdir: ``curves.png``, ``confusion_matrix.png``,
-``misclassified.png``, ``gradcam.png``, ``classification_reports.md`` (one per epoch) and
+``misclassified.png``, ``gradcam.png``, ``classification_reports.md`` (one per evaluated epoch) and
 ``REPORT.md`` tying them together. Every prediction in it comes from one
 ``inference.predict`` call, so the per-class table, the confusion matrix, the misclassified
-grid and its heat maps describe the same (flip-averaged, if trained so) predictor.
+grid and its heat maps describe the same predictor (with the run's test-time views).
 """
 
 from __future__ import annotations
@@ -227,6 +227,8 @@ def _report_text(trained, history, ds, preds, worst, report) -> str:
         f"image folder `{Path(config.data.path).name}`" if config.data.source == "folder" else f"`{config.data.source}` {config.data.name}"
     )
     config_lines = json.dumps(config.to_dict(), indent=1, sort_keys=True)
+    every = config.get("eval_every", 1)
+    every_note = f" The test set was evaluated every {every} epochs and after the last (`eval_every`)." if every > 1 else ""
     return f"""# Training report: {config.model.name} width {config.model.width}
 
 Data: {data_desc}, {len(ds.train_labels)} training and {len(ds.test_labels)} test images, {len(names)} classes.
@@ -238,7 +240,7 @@ its predictions are {predictor}. It misclassifies {int((preds.predicted != preds
 | best | **{100 * best['test_accuracy']:.2f}%** | {best['epoch']} |
 | final | {100 * final['test_accuracy']:.2f}% | {final['epoch']} |
 
-Training time: {total_time / 60:.1f} min for {len(history)} epochs ({total_time / len(history):.0f} s per epoch on average, test evaluation included).
+Training time: {total_time / 60:.1f} min for {len(history)} epochs ({total_time / len(history):.0f} s per epoch on average, test evaluation included).{every_note}
 
 ## Curves
 

@@ -37,6 +37,9 @@ def test_bad_overrides_are_one_line_errors(override, message):
         ("data.path=/no/such/place", 1, "does not exist"),
         ("model.name=vgg", 1, "unknown model.name 'vgg'"),
         ("optim.schedule=linear", 1, "unknown optim.schedule"),
+        ("eval_every=0", 1, "eval_every must be an integer >= 1, got 0"),
+        ("eval_translate=9", 1, r"eval_translate must be an integer in \[0, 8\], got 9"),
+        ("model.norm_dtype=int8", 1, "unknown model.norm_dtype 'int8'; choose one of same, float32"),
     ],
 )
 def test_bad_values_are_rejected_before_compute(override, devices, message, cifar_archive):
