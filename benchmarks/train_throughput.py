@@ -140,6 +140,8 @@ def main():
                    help="comma-separated JAX model.dtype values (float32, bfloat16); bfloat16 adds PyTorch under bf16 autocast")
     p.add_argument("--norm-dtype", default="same",
                    help="comma-separated model.norm_dtype values (same, float32): BatchNorm's precision around bfloat16 convs")
+    p.add_argument("--norm-backward", default="autodiff",
+                   help="comma-separated model.norm_backward values (autodiff, closed_form): BatchNorm's training gradient")
     p.add_argument("--batch", type=int, help="override the batch of every config (e.g. 512 for the full recipe's)")
     p.add_argument("--steps", type=int, help="override the timed steps per repeat")
     p.add_argument("--width", type=int, help="override the width of every config (e.g. 24 to price a wider CPU run)")
@@ -177,19 +179,22 @@ def main():
         runners, meta = {}, {}
         for dtype in args.dtype.split(","):
             config.model.dtype = dtype
-            for conv, norm in itertools.product(args.convs.split(","), args.norm_dtype.split(",")):
+            for conv, norm, grad in itertools.product(args.convs.split(","), args.norm_dtype.split(","),
+                                                      args.norm_backward.split(",")):
                 if conv.startswith("onednn") and not onednn_ready(args.devices, dtype):
                     continue
                 from cifar_jax import onednn
 
                 config.model.conv = "onednn" if conv.startswith("onednn") else conv
                 config.model.norm_dtype = norm
+                config.model.norm_backward = grad
                 onednn.FORWARD_AS_BACKWARD_DATA = conv != "onednn-direct"  # Read when the step is traced (compiled).
-                print(f"[{name}] JAX ({conv} convs, {dtype}, BatchNorm {norm}) width {width}, batch {batch}: compiling ...",
+                print(f"[{name}] JAX ({conv} convs, {dtype}, BatchNorm {norm}, {grad}) width {width}, batch {batch}: compiling ...",
                       flush=True)
                 run, compile_s, n_params = jax_runner(config, batch, steps, k, args.devices)
                 onednn.FORWARD_AS_BACKWARD_DATA = True
                 label = ([conv, f"k={k}", dtype] + [f"BatchNorm {norm}"] * (norm != "same")
+                         + [f"BatchNorm {grad}"] * (grad != "autodiff")
                          + [f"{args.devices} devices"] * (args.devices > 1) + ["no aug"] * args.no_augment)
                 runners[f"jax ({', '.join(label)})"], meta[f"jax ({', '.join(label)})"] = run, dict(compile_s=compile_s)
         if not runners:

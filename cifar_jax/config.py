@@ -173,6 +173,7 @@ RULES: dict[str, Rule] = {
     "model.width": integer(1),
     "model.dtype": choice(*DTYPES),
     "model.norm_dtype": choice("same", *DTYPES),
+    "model.norm_backward": choice("autodiff", "closed_form"),
     "model.zero_init_residual": BOOL,
     "model.conv": choice("auto", "xla", "onednn"),
     "data.source": choice(*DATA_SOURCES),
@@ -299,6 +300,9 @@ def base_config() -> ml_collections.ConfigDict:
     # BatchNorm's compute dtype: "same" as model.dtype, or e.g. float32 around bfloat16 convolutions (XLA:CPU's
     # BatchNorm on bfloat16 is slow: docs/benchmarks.md).
     c.model.norm_dtype = "same"
+    # BatchNorm's training gradient: "autodiff" (nn.BatchNorm) or "closed_form" (cifar_jax.models.batchnorm: two
+    # per-channel sums and one elementwise pass; same forward, equal within float tolerance; docs/benchmarks.md).
+    c.model.norm_backward = "autodiff"
     c.model.zero_init_residual = False  # Start each block's last BatchNorm scale at 0 (the block begins as identity).
     # Convolution kernels for training: "onednn" (cifar_jax.onednn; needs pip install -e ".[onednn]" and a C++
     # compiler; 2-3x XLA's images/s on CPU, docs/benchmarks.md), "xla", or "auto" = onednn when it is

@@ -40,6 +40,7 @@ def test_bad_overrides_are_one_line_errors(override, message):
         ("eval_every=0", 1, "eval_every must be an integer >= 1, got 0"),
         ("eval_translate=9", 1, r"eval_translate must be an integer in \[0, 8\], got 9"),
         ("model.norm_dtype=int8", 1, "unknown model.norm_dtype 'int8'; choose one of same, float32"),
+        ("model.norm_backward=manual", 1, "unknown model.norm_backward 'manual'; choose one of autodiff, closed_form"),
     ],
 )
 def test_bad_values_are_rejected_before_compute(override, devices, message, cifar_archive):
@@ -48,7 +49,7 @@ def test_bad_values_are_rejected_before_compute(override, devices, message, cifa
         validate(config, devices)
 
 
-@pytest.mark.parametrize("name", ["resnet18.py", "resnet18_cpu.py", "smoke.py"])
+@pytest.mark.parametrize("name", ["resnet18.py", "resnet18_cpu.py", "resnet18_cpu_float32.py", "smoke.py"])
 def test_experiment_configs_load_and_validate(name, cifar_archive):
     config = load_config(ROOT / "experiments" / name)
     config.data.path = str(cifar_archive)

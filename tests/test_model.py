@@ -143,3 +143,63 @@ def test_float32_batchnorm_around_bfloat16_convs():
     full = get_model("resnet18", width=4).apply(v, x)
     assert not np.array_equal(a, b)  # BatchNorm really ran in another precision
     np.testing.assert_allclose(b, full, atol=0.05 * float(jnp.abs(full).max()))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_closed_form_batchnorm_equals_flax(dtype, tol):
+    """batchnorm.BatchNorm: nn.BatchNorm's variables, forward and statistics exactly; its gradients within rounding."""
+    import flax.linen as nn
+
+    from cifar_jax.models.batchnorm import BatchNorm
+
+    x = (3.0 * jax.random.normal(jax.random.key(0), (8, 5, 5, 6)) + 2.0).astype(dtype)
+    w = jax.random.normal(jax.random.key(1), x.shape)
+    params = {"scale": jnp.linspace(0.5, 1.5, 6), "bias": jnp.linspace(-1.0, 1.0, 6)}
+
+    def run(module):
+        stats = module.init(jax.random.key(0), x, use_running_average=True)["batch_stats"]
+
+        def loss(params, x):
+            y, updates = module.apply({"params": params, "batch_stats": stats}, x, use_running_average=False,
+                                      mutable=["batch_stats"])
+            return (jnp.sin(y.astype(jnp.float32)) * w).sum(), (y, updates["batch_stats"])
+
+        (_, (y, new_stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        evaluated = module.apply({"params": params, "batch_stats": new_stats}, x, use_running_average=True)
+        return y, new_stats, evaluated, grads
+
+    ref = run(nn.BatchNorm(momentum=0.9, dtype=dtype))
+    new = run(BatchNorm(momentum=0.9, dtype=dtype))
+    for a, b in zip(jax.tree.leaves(ref[:3]), jax.tree.leaves(new[:3])):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    for a, b in zip(jax.tree.leaves(ref[3]), jax.tree.leaves(new[3])):  # d/dscale, d/dbias, d/dx
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a).max() > 0.1  # A gradient that could be wrong.
+        np.testing.assert_allclose(b, a, rtol=0, atol=tol * np.abs(a).max())
+
+
+def test_closed_form_batchnorm_in_a_resnet_train_step():
+    """model.norm_backward=closed_form: the same variables, loss and batch statistics; gradients within 1e-4."""
+    x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+    labels = jnp.arange(8) % 10
+    auto = get_model("resnet18", width=4)
+    closed = get_model("resnet18", width=4, norm_backward="closed_form")
+    v = auto.init(jax.random.key(0), x)
+    assert jax.tree.structure(v) == jax.tree.structure(closed.init(jax.random.key(0), x))
+
+    def step(model):
+        def loss(params):
+            logits, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                                      mutable=["batch_stats"])
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean(), upd
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
+
+    (la, sa), ga = step(auto)
+    (lc, sc), gc = step(closed)
+    np.testing.assert_allclose(lc, la, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(sa), jax.tree.leaves(sc)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    flat_a, flat_c = jax.tree_util.tree_leaves_with_path(ga), jax.tree.leaves(gc)
+    for (path, a), b in zip(flat_a, flat_c):
+        scale = float(jnp.abs(a).max())
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * max(scale, 1e-3), err_msg=jax.tree_util.keystr(path))

@@ -28,7 +28,8 @@ def get_model(name: str, **kwargs) -> ResNet:
 
 
 def build_model(config, num_classes: int, conv: str | None = None) -> ResNet:
-    """The module a run config's ``model`` block describes (name, width, dtype, norm_dtype, zero_init_residual, conv).
+    """The module a run config's ``model`` block describes (name, width, dtype, norm_dtype, norm_backward,
+    zero_init_residual, conv).
 
     ``conv`` overrides ``config.model.conv`` ("auto", "xla", "onednn"); trained-model inference passes
     "xla", since CAM methods vmap the model, which the oneDNN kernels only run one element at a time.
@@ -42,8 +43,9 @@ def build_model(config, num_classes: int, conv: str | None = None) -> ResNet:
 
         kernel = onednn.conv_for(choice, m.dtype)
     norm_dtype = m.get("norm_dtype", "same")  # Configs saved before norm_dtype existed: same as dtype.
+    norm_backward = m.get("norm_backward", "autodiff")  # Likewise: nn.BatchNorm's autodiff gradient.
     return get_model(m.name, width=m.width, num_classes=num_classes, dtype=DTYPES[m.dtype],
-                     norm_dtype=None if norm_dtype == "same" else DTYPES[norm_dtype],
+                     norm_dtype=None if norm_dtype == "same" else DTYPES[norm_dtype], norm_backward=norm_backward,
                      zero_init_residual=m.zero_init_residual, conv_general_dilated=kernel)
 
 

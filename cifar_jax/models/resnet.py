@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cifar_jax.models.batchnorm import BatchNorm
+
 # Split points, in order. "stem" is the output of conv-bn-relu at the input,
 # "layerK" the output of stage K, "pool" the globally pooled feature vector.
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
@@ -126,6 +128,8 @@ class ResNet(nn.Module):
       dtype: computation dtype (params stay float32), e.g. jnp.bfloat16.
       norm_dtype: BatchNorm's computation and output dtype; None = ``dtype``. float32 around bfloat16
         convolutions is faster on XLA:CPU, whose BatchNorm on bfloat16 tensors is slow (docs/benchmarks.md).
+      norm_backward: "autodiff" (``nn.BatchNorm``) or "closed_form" (``batchnorm.BatchNorm``: the same
+        variables and forward, a hand-written training gradient; equal within float tolerance).
       zero_init_residual: start each block's last BN scale at zero.
       act: the nonlinearity (guided backpropagation swaps in a guided ReLU).
       conv_general_dilated: the convolution every ``nn.Conv`` calls (None: ``lax.conv_general_dilated``),
@@ -138,6 +142,7 @@ class ResNet(nn.Module):
     width: int = 64
     dtype: Any = jnp.float32
     norm_dtype: Any = None
+    norm_backward: str = "autodiff"
     zero_init_residual: bool = False
     act: Callable = nn.relu
     conv_general_dilated: Callable | None = None
@@ -164,7 +169,7 @@ class ResNet(nn.Module):
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init, conv_general_dilated=self.conv_general_dilated
         )
         norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            {"autodiff": nn.BatchNorm, "closed_form": BatchNorm}[self.norm_backward], use_running_average=not train, momentum=0.9, epsilon=1e-5,
             dtype=self.dtype if self.norm_dtype is None else self.norm_dtype,
         )
         x = jnp.asarray(x, self.dtype)
