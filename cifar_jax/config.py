@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from cifar_jax.errors import ConfigError, UserError  # noqa: F401  (ConfigError is part of this module's API)
-from cifar_jax.models import MODELS
+from cifar_jax.models import MODELS, NORMS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -173,7 +173,7 @@ RULES: dict[str, Rule] = {
     "model.width": integer(1),
     "model.dtype": choice(*DTYPES),
     "model.norm_dtype": choice("same", *DTYPES),
-    "model.norm_backward": choice("autodiff", "closed_form"),
+    "model.norm_backward": choice(*NORMS),
     "model.zero_init_residual": BOOL,
     "model.conv": choice("auto", "xla", "onednn"),
     "data.source": choice(*DATA_SOURCES),

@@ -23,7 +23,8 @@ def get_config():
     # ~112 s an epoch on the Xeon plus 5 evaluations of ~35 s: ~42 min. A shared VM: one attempt ran at 150 s an
     # epoch (14% of the CPU time stolen), which would be ~53 min; 16 epochs took 33.6 min (86.82%).
     config.epochs = 20
-    # Twice the steps of batch 256, and faster here (width 16: 454 images/s at 128, 376 at 256); lr scaled with the batch.
+    # Twice the steps of batch 256 at about the same images/s (separate runs at width 16: 454 and 441 at 128, 376
+    # and 496 at 256; docs/benchmarks.md); lr scaled with the batch.
     config.batch_size = 128
     config.optim.lr = 0.1
     config.eval_translate = 1  # airbench's 1-px shifted views: +0.24 points on the width-24 model, +0.47 on width 16.

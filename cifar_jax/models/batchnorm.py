@@ -51,7 +51,7 @@ def _bwd(epsilon, residuals, cotangents):
     n = x.size // x.shape[-1]
     xf, dyf = x.astype(jnp.float32), dy.astype(jnp.float32)
     xhat = (xf - mean) * inv
-    dbias = dyf.sum(_axes(x))  # One fused two-output reduction with the next line.
+    dbias = dyf.sum(_axes(x))  # XLA can fuse both sums into one pass over dy and x.
     dscale = (dyf * xhat).sum(_axes(x))
     # d/dx of y through x, its mean and its variance; then of the mean and variance outputs themselves.
     dx = (scale * inv) * (dyf - (dbias + xhat * dscale) / n) + (dmean + 2.0 * dvar * (xf - mean)) / n

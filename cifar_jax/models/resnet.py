@@ -24,6 +24,9 @@ import jax.numpy as jnp
 
 from cifar_jax.models.batchnorm import BatchNorm
 
+# model.norm_backward -> the BatchNorm module: Flax's (autodiff gradient) or the closed-form-gradient one.
+NORMS = {"autodiff": nn.BatchNorm, "closed_form": BatchNorm}
+
 # Split points, in order. "stem" is the output of conv-bn-relu at the input,
 # "layerK" the output of stage K, "pool" the globally pooled feature vector.
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
@@ -169,7 +172,7 @@ class ResNet(nn.Module):
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init, conv_general_dilated=self.conv_general_dilated
         )
         norm = functools.partial(
-            {"autodiff": nn.BatchNorm, "closed_form": BatchNorm}[self.norm_backward], use_running_average=not train, momentum=0.9, epsilon=1e-5,
+            NORMS[self.norm_backward], use_running_average=not train, momentum=0.9, epsilon=1e-5,
             dtype=self.dtype if self.norm_dtype is None else self.norm_dtype,
         )
         x = jnp.asarray(x, self.dtype)
