@@ -40,22 +40,23 @@ def jax_train(width, batch, steps, chunk, n_images, dtype):
     labels = train_lib.replicate(mesh, rng.integers(0, 10, n_images).astype(np.int32))
     order = train_lib.replicate(mesh, rng.permutation(n_images).astype(np.int32))
     mean, std = np.full(3, 0.47, np.float32), np.full(3, 0.25, np.float32)
-    fn = train_lib.make_device_train_chunk(mesh, aug=aug, steps=chunk, batch_size=batch)
+    fn = train_lib.make_device_train_chunk(mesh, aug=aug, batch_size=batch)
+    k = np.int32(chunk)
     chunks_per_epoch = n_images // batch // chunk
     t0 = time.perf_counter()
-    state, m = fn(state, images, labels, order, np.int32(0), mean, std)
+    state, m = fn(state, images, labels, order, np.int32(0), k, mean, std)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     pure = []
     for i in range(max(1, steps // chunk)):  # Pure chunk time: dispatch and block, nothing read.
         t0 = time.perf_counter()
-        state, m = fn(state, images, labels, order, np.int32((i % chunks_per_epoch) * chunk), mean, std)
+        state, m = fn(state, images, labels, order, np.int32((i % chunks_per_epoch) * chunk), k, mean, std)
         jax.block_until_ready(m)
         pure.append(time.perf_counter() - t0)
     chunk_s = float(np.median(pure))
     t0 = time.perf_counter()
     for i in range(chunks_per_epoch):  # An epoch as train.py runs it: metrics read on the host every chunk.
-        state, m = fn(state, images, labels, order, np.int32(i * chunk), mean, std)
+        state, m = fn(state, images, labels, order, np.int32(i * chunk), k, mean, std)
         float(jax.device_get(m)["loss_sum"])
     epoch_s = time.perf_counter() - t0
     return {"variant": f"cifar_jax device loop ({dtype}, {chunk} steps/dispatch)", "compile_s": compile_s,

@@ -21,7 +21,7 @@ from cifar_jax.errors import ConfigError, UserError  # noqa: F401  (ConfigError 
 from cifar_jax.models import MODELS, NORMS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("onecycle", "cosine", "constant")
+SCHEDULES = ("onecycle", "linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("auto", "folder", "cifar10", "cifar100", "tfds")
 PAD_MODES = ("reflect", "constant", "edge", "symmetric")
@@ -334,10 +334,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.momentum = 0.9  # SGD momentum; 0 = plain SGD.
     c.optim.nesterov = True  # Nesterov momentum (SGD only).
     c.optim.weight_decay = 5e-4  # L2 penalty (coupled for sgd/adam, decoupled for adamw).
-    c.optim.schedule = "onecycle"  # onecycle (cosine up, then down), cosine (decay only) or constant.
-    c.optim.warmup_fraction = 0.25  # One-cycle: fraction of the steps spent rising to the peak.
-    c.optim.div_factor = 25.0  # One-cycle: the first lr is lr / div_factor.
-    c.optim.final_div_factor = 1e4  # One-cycle: the last lr is lr / div_factor / final_div_factor.
+    c.optim.schedule = "onecycle"  # onecycle (cosine up, then down), linear (straight up, then down), cosine (decay only) or constant.
+    c.optim.warmup_fraction = 0.25  # onecycle/linear: fraction of the steps spent rising to the peak.
+    c.optim.div_factor = 25.0  # onecycle/linear: the first lr is lr / div_factor.
+    c.optim.final_div_factor = 1e4  # onecycle/linear: the last lr is lr / div_factor / final_div_factor.
     c.optim.label_smoothing = 0.0  # Mass spread uniformly over all classes in the training targets.
 
     c.checkpoint = ml_collections.ConfigDict()

@@ -9,6 +9,10 @@ The compiled steps live in ``train_lib``; this file is the loop and the CLI.
 
 from __future__ import annotations
 
+import time
+
+STARTED = time.time()  # Before the heavy imports below: the "startup" phase of the run's timings starts here.
+
 import argparse
 import contextlib
 import dataclasses
@@ -19,7 +23,7 @@ import os
 import shutil
 import signal
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -133,8 +137,9 @@ class Run:
     mesh: object
     steps_per_epoch: int
     steps_per_dispatch: int  # K: train steps per compiled call (config 0 = auto: 1 on CPU, 20 on accelerators)
-    feed: object  # HostFeed or DeviceFeed: runs K (or 1) steps from an epoch position
-    evaluate: object  # state -> {"loss", "accuracy", "predictions"} on the test set
+    feed: object  # HostFeed or DeviceFeed: runs up to K steps from an epoch position
+    evaluate: object  # state -> {"loss", "accuracy", "predictions"} on the test set, with the run's test-time views
+    evaluate_single_view: object  # the same with one view (None when the run has no test-time views): last epoch only
     schedule: object
     meta: dict  # saved with every checkpoint
     is_main: bool
@@ -145,29 +150,61 @@ class Run:
             print(*args, **kwargs)
 
 
+class PhaseClock:
+    """Seconds per phase of one invocation (startup, data, setup, compile, epochs, report), printed in one line."""
+
+    def __init__(self, started: float):
+        self.last, self.started, self.seconds = started, started, {}
+
+    def lap(self, phase: str) -> float:
+        """Charges the time since the previous lap to ``phase``; returns those seconds."""
+        now = time.time()
+        lap, self.last = now - self.last, now
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + lap
+        return lap
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f}s" for name, s in self.seconds.items())
+        return f"Time: {parts}; total {self.last - self.started:.1f}s"
+
+
 def train_and_evaluate(config, workdir) -> list[dict]:
-    """Trains (or resumes) the run in ``workdir``; returns the per-epoch metrics history."""
+    """Trains (or resumes) the run in ``workdir``; returns the per-epoch metrics history.
+
+    Prints one line of per-phase seconds at the end and writes them to ``workdir/timings.json``.
+    """
     workdir = Path(workdir)
+    clock = PhaseClock(STARTED)
+    clock.lap("startup")  # Python, imports, config, devices.
     dataset = load_dataset(config.data)
+    clock.lap("data")
     run, state = setup(config, workdir, dataset)
     manager, lock = open_workdir(workdir, config, dataset.num_classes, meta=run.meta)
     try:
-        history = _train_locked(run, manager, state)
+        history = _train_locked(run, manager, state, clock)
     finally:
         lock.release()
+    if run.is_main:
+        run.say(clock.summary())
+        ckpt.write_json_atomic(workdir / "timings.json", {"seconds": clock.seconds, "total": clock.last - clock.started,
+                                                          "epochs_run": len(history)})
     return history
 
 
-def _train_locked(run: Run, manager, state) -> list[dict]:
+def _train_locked(run: Run, manager, state, clock: PhaseClock) -> list[dict]:
     """The epochs, then the report: everything done while holding the workdir lock."""
     config, workdir = run.config, run.workdir
     try:
         state, history, progress = restore_or_start(run, manager, state)
+        clock.lap("setup")  # Model, state, uploads, workdir, summary.
+        compile_programs(run, state)
+        run.say(f"Compiled the train and evaluation programs in {clock.lap('compile'):.1f}s")
         with catch_signals() as stop, EpochLog(run) as log:
             for epoch in range(progress.epoch, config.epochs):
                 state, progress, train_time = run_epoch(run, state, progress, stop, manager, history)
                 last = epoch + 1 == config.epochs
-                record = epoch_record(run, state, progress, train_time, evaluate=last or (epoch + 1) % config.eval_every == 0)
+                record = epoch_record(run, state, progress, train_time, evaluate=last or (epoch + 1) % config.eval_every == 0,
+                                      last=last)
                 history.append(record)
                 progress = Progress(epoch=epoch + 1)
                 log.write(record)
@@ -180,9 +217,21 @@ def _train_locked(run: Run, manager, state) -> list[dict]:
                     save_and_stop(run, manager, state, history, progress, stop.signum)
     finally:
         manager.close()
+    clock.lap("epochs")  # Training, evaluation, checkpoints.
     if run.is_main and config.log.report:
         run.say(f"Report written to {reporting.build_report(workdir).path}")
+        clock.lap("report")
     return history
+
+
+def compile_programs(run: Run, state) -> None:
+    """Compiles the train and evaluation programs ahead of the first epoch, side by side (XLA compiles without the GIL)."""
+    jobs = [(run.feed.compile, state, run.mean, run.std), (run.evaluate.compile, state)]
+    if run.evaluate_single_view is not None:
+        jobs.append((run.evaluate_single_view.compile, state))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for future in [pool.submit(*job) for job in jobs]:
+            future.result()
 
 
 def setup(config, workdir: Path, dataset):
@@ -212,10 +261,12 @@ def setup(config, workdir: Path, dataset):
         "num_train": n_train,
         "num_test": len(dataset.test_labels),
     }
+    has_views = config.eval_flip or config.eval_translate > 0
     run = Run(config, workdir, dataset, mean, std, mesh, steps_per_epoch, k,
               feed_cls(mesh, dataset, config.batch_size, k, aug, config.optim.label_smoothing),
-              make_evaluator(mesh, dataset, config, mean, std), train_lib.make_schedule(config.optim, total_steps),
-              meta, jax.process_index() == 0)
+              make_evaluator(mesh, dataset, config, mean, std),
+              make_evaluator(mesh, dataset, config, mean, std, single_view=True) if has_views else None,
+              train_lib.make_schedule(config.optim, total_steps), meta, jax.process_index() == 0)
     run.say(f"Data: {getattr(dataset, 'description', config.data.path)}: {n_train} training and "
             f"{len(dataset.test_labels)} test images, {dataset.num_classes} classes")
     kernels = "oneDNN (cifar_jax.onednn)" if model.conv_general_dilated is not None else "XLA"
@@ -345,7 +396,7 @@ def run_epoch(run: Run, state, progress: Progress, stop, manager, history):
               disable=not (run.is_main and config.log.progress_bar), file=sys.stdout) as bar:
         while progress.step_in_epoch < n:
             i = progress.step_in_epoch
-            steps = k if i + k <= n else 1
+            steps = run.feed.steps_for(n - i)
             state, metrics = run.feed.dispatch(state, i, steps, run.mean, run.std)
             metrics = jax.device_get(metrics)
             check_finite(metrics, state, epoch, manager)
@@ -369,8 +420,11 @@ def check_finite(metrics: dict, state, epoch: int, manager) -> None:
         )
 
 
-def epoch_record(run: Run, state, progress: Progress, train_time: float, evaluate: bool = True) -> dict:
-    """The epoch's metrics record (also printed), with test metrics if ``evaluate`` (see ``eval_every``)."""
+def epoch_record(run: Run, state, progress: Progress, train_time: float, evaluate: bool = True, last: bool = False) -> dict:
+    """The epoch's metrics record (also printed), with test metrics if ``evaluate`` (see ``eval_every``).
+
+    On the ``last`` epoch of a run with test-time views it also holds ``test_accuracy_single_view``.
+    """
     t0 = time.time()
     step = int(jax.device_get(state.step))
     record = {
@@ -387,6 +441,9 @@ def epoch_record(run: Run, state, progress: Progress, train_time: float, evaluat
         report = reporting.class_report(run.dataset.test_labels, test["predictions"], names)
         record.update(test_loss=test["loss"], test_accuracy=test["accuracy"], classification_report=report)
         line += f" | test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
+        if last and run.evaluate_single_view is not None:
+            record["test_accuracy_single_view"] = run.evaluate_single_view(state)["accuracy"]
+            line += f" (single view {record['test_accuracy_single_view']:.4f})"
     record.update(train_time_s=train_time, epoch_time_s=train_time + time.time() - t0)
     run.say(f"{line} | {record['epoch_time_s']:.1f}s")
     if evaluate:

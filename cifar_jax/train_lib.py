@@ -33,7 +33,17 @@ class TrainState(train_state.TrainState):
 
 
 def make_schedule(optim, total_steps: int) -> optax.Schedule:
-    """Learning rate per step: one-cycle (cosine up then down), cosine decay, or constant."""
+    """Learning rate per step: one-cycle (cosine up then down), linear (straight up then down), cosine decay, or constant.
+
+    "onecycle" and "linear" rise from lr / div_factor to lr over ``warmup_fraction`` of the steps and fall to
+    lr / div_factor / final_div_factor at the last step; "linear" uses straight lines for both.
+    """
+    if optim.schedule == "linear":
+        total = max(total_steps, 1)
+        up = max(int(round(optim.warmup_fraction * total)), 1)
+        start, end = optim.lr / optim.div_factor, optim.lr / optim.div_factor / optim.final_div_factor
+        return optax.join_schedules(
+            [optax.linear_schedule(start, optim.lr, up), optax.linear_schedule(optim.lr, end, max(total - up, 1))], [up])
     if optim.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(
             transition_steps=max(total_steps, 1),
@@ -196,20 +206,23 @@ def replicate(mesh, array: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(array.shape, replicated(mesh), lambda index: array[index])
 
 
-def make_device_train_chunk(mesh, *, aug: dict, label_smoothing: float = 0.0, steps: int, batch_size: int):
-    """Compiles ``steps`` train steps whose batches are gathered ON the device from a device-resident dataset.
+def make_device_train_chunk(mesh, *, aug: dict, label_smoothing: float = 0.0, batch_size: int):
+    """Compiles train steps whose batches are gathered ON the device from a device-resident dataset.
 
-    ``chunk(state, images, labels, order, first, mean, std) -> (state, metrics)`` with
+    ``chunk(state, images, labels, order, first, steps, mean, std) -> (state, metrics)`` with
     images (N, H, W, 3) uint8 and labels (N,) replicated on every device (``replicate``),
     order (N,) int32 the epoch's permutation (``epoch_order``), first the index of the
-    chunk's first batch in the epoch. Step i trains on ``order[(first+i)*B : (first+i+1)*B]``,
-    exactly the batch the host loop would feed, and the same ``train_step``; metrics are
-    summed on the device, so the host reads them once per chunk.
+    chunk's first batch in the epoch and steps (int32) how many batches it trains. Step i
+    trains on ``order[(first+i)*B : (first+i+1)*B]``, exactly the batch the host loop would
+    feed, and the same ``train_step``; metrics are summed on the device, so the host reads
+    them once per chunk. ``steps`` is an argument, not a constant, so one compiled program
+    serves every chunk length (the tail of an epoch included); ``steps=0`` returns the state
+    unchanged.
     """
     single = functools.partial(train_step, aug=aug, label_smoothing=label_smoothing)
     data = batch_sharded(mesh)
 
-    def chunk(state, images, labels, order, first, mean, std):
+    def chunk(state, images, labels, order, first, steps, mean, std):
         def body(i, carry):
             state, sums = carry
             idx = jax.lax.dynamic_slice(order, ((first + i) * batch_size,), (batch_size,))
@@ -221,8 +234,7 @@ def make_device_train_chunk(mesh, *, aug: dict, label_smoothing: float = 0.0, st
         return jax.lax.fori_loop(0, steps, body, (state, zeros))
 
     repl = replicated(mesh)
-    return jax.jit(chunk, in_shardings=(repl, repl, repl, repl, repl, repl, repl), out_shardings=(repl, repl),
-                   donate_argnums=(0,))
+    return jax.jit(chunk, in_shardings=(repl,) * 8, out_shardings=(repl, repl), donate_argnums=(0,))
 
 
 def put_eval_set(mesh, images: np.ndarray, labels: np.ndarray, batch_size: int):

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_jax import train, train_lib
+from cifar_jax import feeds, train, train_lib
 from cifar_jax.checkpoints import CheckpointError, make_manager
 from cifar_jax.inference import load_trained
 from tests.conftest import ROOT
@@ -57,27 +57,21 @@ def test_rerunning_a_finished_run_changes_nothing(reference, cifar_archive):
 
 @pytest.mark.parametrize("interrupt_at_call", [3, 8])  # mid-epoch 1, and the last step of epoch 1
 def test_sigterm_saves_and_resume_is_bitwise_exact(reference, cifar_archive, tmp_path, monkeypatch, capsys, interrupt_at_call):
-    real = train_lib.make_train_step
+    real, calls = feeds.HostFeed.dispatch, {"n": 0}
 
-    def make_interrupting_step(*args, **kwargs):
-        step = real(*args, **kwargs)
-        calls = {"n": 0}
+    def interrupting_dispatch(self, *a):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a)
 
-        def wrapped(*a):
-            calls["n"] += 1
-            if calls["n"] == interrupt_at_call:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return step(*a)
-
-        return wrapped
-
-    monkeypatch.setattr(train_lib, "make_train_step", make_interrupting_step)
+    monkeypatch.setattr(feeds.HostFeed, "dispatch", interrupting_dispatch)
     assert run(tmp_path, cifar_archive) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert f"SIGTERM: saved step {interrupt_at_call}" in err and "run the same command again to resume" in err
     assert "('" not in err and err.strip().splitlines()[-1].startswith("SIGTERM: saved step")  # a sentence, not a tuple
     assert make_manager(tmp_path, read_only=True).latest_step() == interrupt_at_call
-    monkeypatch.setattr(train_lib, "make_train_step", real)
+    monkeypatch.setattr(feeds.HostFeed, "dispatch", real)
     assert run(tmp_path, cifar_archive) == 0
     assert "Resuming from step" in capsys.readouterr().out
     assert_bitwise_equal(reference, tmp_path)
@@ -101,28 +95,25 @@ def test_sigkill_mid_run_then_resume_is_bitwise_exact(reference, cifar_archive, 
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_archive, tmp_path, monkeypatch, capsys):
-    real = train_lib.make_train_step
+    real = feeds.HostFeed.dispatch
 
-    def make_step(interrupt_at=None, nan=False):
-        def make(*args, **kwargs):
-            step, calls = real(*args, **kwargs), {"n": 0}
+    def make_dispatch(interrupt_at=None, nan=False):
+        calls = {"n": 0}
 
-            def wrapped(*a):
-                calls["n"] += 1
-                if calls["n"] == interrupt_at:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                state, m = step(*a)
-                return state, ({**m, "loss_sum": m["loss_sum"] * np.nan} if nan else m)  # A diverged step.
+        def dispatch(self, *a):
+            calls["n"] += 1
+            if calls["n"] == interrupt_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            state, m = real(self, *a)
+            return state, ({**m, "loss_sum": m["loss_sum"] * np.nan} if nan else m)  # A diverged step.
 
-            return wrapped
-
-        return make
+        return dispatch
 
     # Stop after epoch 1 (a changed lr/epochs on resume is refused, so the divergence is simulated).
-    monkeypatch.setattr(train_lib, "make_train_step", make_step(interrupt_at=8))
+    monkeypatch.setattr(feeds.HostFeed, "dispatch", make_dispatch(interrupt_at=8))
     assert run(tmp_path, cifar_archive) == 128 + signal.SIGTERM
     good = metrics(tmp_path)
-    monkeypatch.setattr(train_lib, "make_train_step", make_step(nan=True))
+    monkeypatch.setattr(feeds.HostFeed, "dispatch", make_dispatch(nan=True))
     rc = run(tmp_path, cifar_archive)
     assert rc == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

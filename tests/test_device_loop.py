@@ -10,12 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_jax import train_lib
+from cifar_jax import feeds, train_lib
 from cifar_jax.checkpoints import make_manager
 from tests.conftest import ROOT
 from tests.test_checkpoints import assert_bitwise_equal, metrics, overrides, params, run
 
-DEVICE = {"loop": "device", "steps_per_dispatch": 3}  # 8 steps an epoch: chunks of 3, 3, then 1 + 1 single steps
+DEVICE = {"loop": "device", "steps_per_dispatch": 3}  # 8 steps an epoch: chunks of 3, 3, then 2, one program
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +68,10 @@ def test_a_device_chunk_equals_the_same_steps_fed_from_the_host():
         x, y = train_lib.global_batch(mesh, images[order[i * b : (i + 1) * b]], labels[order[i * b : (i + 1) * b]], b)
         host, m = step(host, x, y, mean, std)
         loss += float(m["loss_sum"])
-    chunk = train_lib.make_device_train_chunk(mesh, aug=aug, steps=k, batch_size=b)
+    chunk = train_lib.make_device_train_chunk(mesh, aug=aug, batch_size=b)
     put = lambda a: train_lib.replicate(mesh, a)
-    device, metrics = chunk(fresh(), put(images), put(labels), put(order.astype(np.int32)), np.int32(first), mean, std)
+    device, metrics = chunk(fresh(), put(images), put(labels), put(order.astype(np.int32)), np.int32(first), np.int32(k),
+                            mean, std)
     assert int(device.step) == int(host.step) == k
     assert float(metrics["loss_sum"]) == pytest.approx(loss, rel=1e-5) and int(metrics["count"]) == k * b
     for a, c in zip(jax.tree.leaves(device.params), jax.tree.leaves(host.params)):
@@ -78,22 +79,17 @@ def test_a_device_chunk_equals_the_same_steps_fed_from_the_host():
 
 
 def test_sigterm_stops_at_a_chunk_boundary_and_resume_is_bitwise(device_reference, cifar_archive, tmp_path, monkeypatch, capsys):
-    real = train_lib.make_device_train_chunk
+    real = feeds.DeviceFeed.dispatch
 
-    def interrupting(*args, **kwargs):
-        chunk = real(*args, **kwargs)
+    def interrupting(self, *a):
+        os.kill(os.getpid(), signal.SIGTERM)  # Arrives during the first chunk: the run stops after it.
+        return real(self, *a)
 
-        def wrapped(*a):
-            os.kill(os.getpid(), signal.SIGTERM)  # Arrives during the first chunk: the run stops after it.
-            return chunk(*a)
-
-        return wrapped
-
-    monkeypatch.setattr(train_lib, "make_device_train_chunk", interrupting)
+    monkeypatch.setattr(feeds.DeviceFeed, "dispatch", interrupting)
     assert run(tmp_path, cifar_archive, **DEVICE) == 128 + signal.SIGTERM
     assert "SIGTERM: saved step 3 (epoch 1, batch 3)" in capsys.readouterr().err
     assert make_manager(tmp_path, read_only=True).latest_step() == 3
-    monkeypatch.setattr(train_lib, "make_device_train_chunk", real)
+    monkeypatch.setattr(feeds.DeviceFeed, "dispatch", real)
     assert run(tmp_path, cifar_archive, **DEVICE) == 0
     assert_bitwise_equal(device_reference, tmp_path)
 

@@ -168,15 +168,12 @@ def test_disk_full_during_save_is_one_line_and_resume_is_exact(reference, cifar_
 
 SLOW_RUN = """
 import sys, time
-from cifar_jax import train, train_lib
-real = train_lib.make_train_step
-def slow(*a, **k):
-    step = real(*a, **k)
-    def wrapped(*args):
-        time.sleep(0.4)
-        return step(*args)
-    return wrapped
-train_lib.make_train_step = slow
+from cifar_jax import feeds, train
+real = feeds.HostFeed.dispatch
+def slow(self, *args):
+    time.sleep(0.4)
+    return real(self, *args)
+feeds.HostFeed.dispatch = slow
 sys.exit(train.main(sys.argv[1:]))
 """
 
