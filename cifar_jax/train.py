@@ -16,24 +16,24 @@ STARTED = time.time()  # Before the heavy imports below: the "startup" phase of 
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from cifar_jax import checkpoints as ckpt
 from cifar_jax import feeds, reporting, runtime, train_lib
+from cifar_jax import workdir as workdir_lib
 from cifar_jax.config import apply_overrides, describe_fields, load_config, validate
-from cifar_jax.data import load_dataset
+from cifar_jax.data import Dataset, load_dataset
 from cifar_jax.errors import UserError
 
 
@@ -127,20 +127,19 @@ class Progress:
 
 @dataclasses.dataclass
 class Run:
-    """What stays fixed for a whole run: data, mesh, how batches reach the device, sizes."""
+    """What stays fixed for a whole run: data, mesh, how batches reach the device, the evaluators, sizes."""
 
-    config: object
+    config: ml_collections.ConfigDict
     workdir: Path
-    dataset: object
-    mean: np.ndarray
-    std: np.ndarray
-    mesh: object
+    dataset: Dataset
+    mean: np.ndarray  # (3,) channel means of the training images, in [0, 1]
+    std: np.ndarray  # (3,) their standard deviations
+    mesh: jax.sharding.Mesh
     steps_per_epoch: int
-    steps_per_dispatch: int  # K: train steps per compiled call (config 0 = auto: 1 on CPU, 20 on accelerators)
-    feed: object  # HostFeed or DeviceFeed: runs up to K steps from an epoch position
-    evaluate: object  # state -> {"loss", "accuracy", "predictions"} on the test set, with the run's test-time views
-    evaluate_single_view: object  # the same with one view (None when the run has no test-time views): last epoch only
-    schedule: object
+    feed: feeds.HostFeed | feeds.DeviceFeed  # runs up to K steps from an epoch position
+    evaluate: feeds.HostEvaluator | feeds.DeviceEvaluator  # state -> {"loss", "accuracy", "predictions"}, the run's views
+    evaluate_single_view: feeds.HostEvaluator | feeds.DeviceEvaluator | None  # one view; None without test-time views
+    schedule: optax.Schedule
     meta: dict  # saved with every checkpoint
     is_main: bool
 
@@ -179,7 +178,7 @@ def train_and_evaluate(config, workdir) -> list[dict]:
     dataset = load_dataset(config.data)
     clock.lap("data")
     run, state = setup(config, workdir, dataset)
-    manager, lock = open_workdir(workdir, config, dataset.num_classes, meta=run.meta)
+    manager, lock = workdir_lib.open_workdir(workdir, config, dataset.num_classes, meta=run.meta)
     try:
         history = _train_locked(run, manager, state, clock)
     finally:
@@ -208,8 +207,7 @@ def _train_locked(run: Run, manager, state, clock: PhaseClock) -> list[dict]:
                 history.append(record)
                 progress = Progress(epoch=epoch + 1)
                 log.write(record)
-                every = config.checkpoint.every_epochs
-                if last or (every and (epoch + 1) % every == 0):
+                if checkpoint_due(config.checkpoint, epoch, last):
                     tested = "test_accuracy" in record  # Only evaluated epochs can be kept as the best.
                     ckpt.save(manager, state, {**run.meta, "history": history, "progress": dataclasses.asdict(progress)},
                               metrics={"test_accuracy": record["test_accuracy"]} if tested else None)
@@ -222,6 +220,12 @@ def _train_locked(run: Run, manager, state, clock: PhaseClock) -> list[dict]:
         run.say(f"Report written to {reporting.build_report(workdir).path}")
         clock.lap("report")
     return history
+
+
+def checkpoint_due(checkpoint_config, epoch: int, last: bool) -> bool:
+    """Whether the end of (0-based) ``epoch`` saves: after the last epoch, and every ``every_epochs`` (0 = never)."""
+    every = checkpoint_config.every_epochs
+    return last or bool(every and (epoch + 1) % every == 0)
 
 
 def compile_programs(run: Run, state) -> None:
@@ -262,11 +266,13 @@ def setup(config, workdir: Path, dataset):
         "num_test": len(dataset.test_labels),
     }
     has_views = config.eval_flip or config.eval_translate > 0
-    run = Run(config, workdir, dataset, mean, std, mesh, steps_per_epoch, k,
-              feed_cls(mesh, dataset, config.batch_size, k, aug, config.optim.label_smoothing),
-              make_evaluator(mesh, dataset, config, mean, std),
-              make_evaluator(mesh, dataset, config, mean, std, single_view=True) if has_views else None,
-              train_lib.make_schedule(config.optim, total_steps), meta, jax.process_index() == 0)
+    run = Run(
+        config=config, workdir=workdir, dataset=dataset, mean=mean, std=std, mesh=mesh, steps_per_epoch=steps_per_epoch,
+        feed=feed_cls(mesh, dataset, config.batch_size, k, aug, config.optim.label_smoothing),
+        evaluate=make_evaluator(mesh, dataset, config, mean, std),
+        evaluate_single_view=make_evaluator(mesh, dataset, config, mean, std, single_view=True) if has_views else None,
+        schedule=train_lib.make_schedule(config.optim, total_steps), meta=meta, is_main=jax.process_index() == 0,
+    )
     run.say(f"Data: {getattr(dataset, 'description', config.data.path)}: {n_train} training and "
             f"{len(dataset.test_labels)} test images, {dataset.num_classes} classes")
     kernels = "oneDNN (cifar_jax.onednn)" if model.conv_general_dilated is not None else "XLA"
@@ -278,75 +284,6 @@ def setup(config, workdir: Path, dataset):
     return run, state
 
 
-class WorkdirLock:
-    """An exclusive ``fcntl.flock`` on ``DIR/.lock`` holding the holder's pid; the OS drops it when the process dies."""
-
-    def __init__(self, workdir: Path):
-        self.path = Path(workdir) / ".lock"
-        self.fd = None
-
-    def acquire(self) -> "WorkdirLock":
-        """Takes the lock or raises TrainError naming the holder's pid (the file is not changed then)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EWOULDBLOCK: another process holds it.
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise TrainError(f"workdir {str(self.path.parent)!r} is in use by another training run (pid {holder}); "
-                             "wait for it to finish, or use another --workdir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # Closing drops the flock; the file (with the last pid) stays.
-            self.fd = None
-
-
-class _NoLock:
-    def release(self) -> None:
-        pass
-
-
-def open_workdir(workdir: Path, config, num_classes: int, meta: dict | None = None):
-    """(checkpoint manager, lock) of the workdir, locked for this run.
-
-    Refuses in one line, touching nothing, a workdir that holds another model or a run with a different
-    config (``checkpoints.describe_mismatch``; ``meta`` is this run's, to compare the data) or that
-    another training run holds. Only the main process locks (the others share its workdir).
-    """
-    existing = ckpt.checkpoint_dir(workdir)
-    if not config.fresh and existing.exists():
-        probe = ckpt.make_manager(workdir, read_only=True)
-        try:
-            for step in sorted(probe.all_steps(), reverse=True):
-                try:
-                    saved = ckpt.read_meta(probe, step)
-                    saved_config, saved_classes = saved["config"], len(saved["class_names"])
-                except Exception:
-                    continue  # Damaged: restore_or_start reports it; compare with the newest readable one.
-                why = ckpt.describe_mismatch(saved_config, config, num_classes, saved_classes, saved, meta)
-                if why:
-                    raise TrainError(f"workdir {str(workdir)!r} {why}")
-                break
-        finally:
-            probe.close()
-    workdir.mkdir(parents=True, exist_ok=True)
-    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else _NoLock()
-    try:
-        if config.fresh and existing.exists():
-            shutil.rmtree(existing)  # Only our own files: checkpoints and what is derived from them.
-            for name in ("metrics.jsonl", "REPORT.md"):
-                (workdir / name).unlink(missing_ok=True)
-        return ckpt.make_manager(workdir, keep=config.checkpoint.keep), lock
-    except BaseException:
-        lock.release()
-        raise
-
-
 def restore_or_start(run: Run, manager, state):
     """(state, history, progress) from the newest checkpoint, or the fresh state; writes the run's own files."""
     history, progress = [], Progress()
@@ -354,20 +291,14 @@ def restore_or_start(run: Run, manager, state):
     if step is not None:
         loaded = ckpt.load_intact(manager, run.workdir, "latest", lambda s, meta: ckpt.restore_tree(manager, s, state),
                                   warn=False)
-        for d in loaded.damaged:  # All newer than the step used: move them out of orbax's sight (see README).
-            aside = ckpt.move_aside(run.workdir, d.step) if run.is_main else None
-            run.say(f"warning: {d}; using step {loaded.step} (the damaged one is kept as checkpoints/"
-                    f"{aside.name if aside else 'damaged-' + str(d.step) + '-*'}/)", file=sys.stderr)
-        if loaded.damaged:
-            _sync_hosts("cifar_jax_moved_damaged")
-            manager.reload()
+        workdir_lib.set_aside_damaged(manager, run.workdir, loaded, run.is_main)
         step, meta = loaded.step, loaded.meta
         state = ckpt.tree_to_state(state, loaded.tree)
         history, progress = meta["history"], Progress(**meta["progress"])
         run.say(f"Resuming from step {int(jax.device_get(state.step))} (epoch {progress.epoch + 1}, "
                 f"batch {progress.step_in_epoch}) in {run.workdir}")
     if run.is_main:
-        write_metrics_file(run.workdir, history)  # Drops any line written after the checkpoint we resume from.
+        workdir_lib.write_metrics_file(run.workdir, history)  # Drops any line written after the checkpoint we resume from.
         if step is None:
             summary = model_summary(run.config, run.dataset.num_classes)
             (run.workdir / "model_summary.txt").write_text(summary)
@@ -376,20 +307,12 @@ def restore_or_start(run: Run, manager, state):
     return state, history, progress
 
 
-def _sync_hosts(name: str) -> None:
-    """Waits for every process (a no-op on one)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def run_epoch(run: Run, state, progress: Progress, stop, manager, history):
     """Trains the rest of epoch ``progress.epoch``, K steps per dispatch; returns (state, progress, seconds).
 
     The host reads the metrics once per dispatch: the non-finite check and SIGINT/SIGTERM act at that granularity.
     """
-    config, epoch, n, k = run.config, progress.epoch, run.steps_per_epoch, run.steps_per_dispatch
+    config, epoch, n = run.config, progress.epoch, run.steps_per_epoch
     run.feed.start_epoch(train_lib.epoch_order(config.seed, epoch, len(run.dataset.train_labels)))
     t0 = time.time()
     with tqdm(total=n, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True,
@@ -514,13 +437,6 @@ class EpochLog:
     def __exit__(self, *exc):
         if self.tensorboard is not None:
             self.tensorboard.close()
-
-
-def write_metrics_file(workdir: Path, history: list[dict]) -> None:
-    """Rewrites ``metrics.jsonl`` from ``history`` atomically."""
-    tmp = workdir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    tmp.replace(workdir / "metrics.jsonl")
 
 
 def model_summary(config, num_classes: int) -> str:

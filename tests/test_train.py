@@ -90,6 +90,36 @@ def test_onecycle_schedule_peaks_at_warmup_end():
     assert lrs[0] == pytest.approx(config.optim.lr / 25) and lrs[-1] < lrs[0]
 
 
+def test_linear_schedule_rises_and_falls_in_straight_lines():
+    config = base_config()
+    config.optim.schedule, config.optim.warmup_fraction = "linear", 0.2
+    sched = train_lib.make_schedule(config.optim, 100)
+    lrs = np.array([float(sched(i)) for i in range(101)])
+    assert int(lrs.argmax()) == 20 and lrs.max() == pytest.approx(config.optim.lr)
+    assert lrs[0] == pytest.approx(config.optim.lr / 25)
+    assert lrs[100] == pytest.approx(config.optim.lr / 25 / 1e4, abs=1e-9)
+    np.testing.assert_allclose(np.diff(lrs[:20]), np.diff(lrs[:20])[0], rtol=1e-4)  # straight up...
+    np.testing.assert_allclose(np.diff(lrs[20:]), np.diff(lrs[20:])[0], rtol=1e-3)  # ...and straight down
+
+
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
+    """model.dtype=bfloat16: parameters, BatchNorm statistics, optimizer state and logits stay float32."""
+    config = base_config()
+    config.model.name, config.model.width, config.model.dtype = "resnet10", 4, "bfloat16"
+    mesh = train_lib.make_mesh(jax.devices()[:1])
+    model = train_lib.build_model(config, 10)
+    state = train_lib.create_sharded_state(model, train_lib.make_optimizer(config.optim, 10), 0, mesh)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 8).astype(np.int32)
+    state, _ = train_lib.make_train_step(mesh, aug=AUG)(state, images, labels, MEAN, STD)
+    for tree in (state.params, state.batch_stats, state.opt_state):
+        assert {leaf.dtype for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)} == {np.dtype("float32")}
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    x = jnp.zeros((2, 32, 32, 3))
+    assert model.apply(variables, x).dtype == jnp.float32
+    assert model.apply(variables, x, end="layer4").dtype == jnp.bfloat16  # the convolutions compute in bfloat16
+
+
 def run_parallel(out, *extra):
     return subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "scripts" / "parallel_train.py"), str(out), *extra],
@@ -148,6 +178,12 @@ def test_smoke_config_end_to_end(cifar_archive, tmp_path):
     assert "precision    recall  f1-score" in result.stdout  # sklearn's report, per epoch
     assert "Total Parameters" in (workdir / "model_summary.txt").read_text()
     assert records[-1]["step"] == 2 * (512 // 64)
+    # The smoke config has test-time views (eval_flip): the last epoch also reports the single view.
+    assert "test_accuracy_single_view" in records[-1] and "test_accuracy_single_view" not in records[0]
+    timings = json.loads((workdir / "timings.json").read_text())
+    assert set(timings["seconds"]) == {"startup", "data", "setup", "compile", "epochs", "report"}
+    assert sum(timings["seconds"].values()) == pytest.approx(timings["total"], rel=1e-6)
+    assert result.stdout.strip().splitlines()[-1].startswith("Time: startup ")
 
 
 def test_cpu_devices_splits_the_host_and_matches_one_device(cifar_archive, tmp_path):
