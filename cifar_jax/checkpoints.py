@@ -359,10 +359,3 @@ def move_aside(workdir, step: int) -> Path:
         dst, n = src.with_name(f"damaged-{step}-{time.strftime('%Y%m%dT%H%M%S')}-{n}"), n + 1
     src.rename(dst)
     return dst
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Writes JSON to ``path`` via a temporary file and rename (never half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)

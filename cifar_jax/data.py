@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from cifar_jax.cifar_binary import load_cifar
+from cifar_jax.files import atomic_path
 from cifar_jax.dataset import DataError, Dataset, reason, subsample  # noqa: F401  (re-exported: the public data API)
 from cifar_jax.runtime import default_cache_dir
 
@@ -199,8 +200,7 @@ def _decode_entries(entries, where: str, image_size: int, total: int | None = No
 def _save_npz(file: Path, ds: Dataset, key: str, image_size: int) -> None:
     """Writes the arrays plus what they were built from (source description, content key, image size)."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".tmp{os.getpid()}.npz")
-    try:
+    with atomic_path(file, suffix=".npz") as tmp:  # A concurrent or killed run never sees half a cache file.
         np.savez(
             tmp,
             train_images=ds.train_images,
@@ -212,10 +212,6 @@ def _save_npz(file: Path, ds: Dataset, key: str, image_size: int) -> None:
             key=np.array(key),
             image_size=np.array(image_size),
         )
-        os.replace(tmp, file)  # Atomic: a concurrent or killed run never sees half a cache file.
-    except BaseException:  # Ctrl-C or a full disk mid-write: leave no half-written temporary file behind.
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _load_npz(file: Path, key: str, image_size: int) -> Dataset | None:

@@ -12,10 +12,11 @@ import hashlib
 import http.client
 import os
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from cifar_jax.files import atomic_path
 
 DEFAULT_BASE_URL = "https://www.cs.toronto.edu/~kriz"
 URL_ENV = "CIFAR_JAX_DATA_URL"
@@ -74,19 +75,14 @@ def download(name: str, dest_dir: str | os.PathLike, url: str = "", progress: bo
     dest = Path(dest_dir) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     source = f"{base_url(url)}/{name}"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(dest, suffix=".part") as tmp:  # The destination only ever holds a verified archive.
+        with open(tmp, "wb") as out:
             got, digest = _stream(source, out, name, progress, timeout)
         if got != size or digest != sha256:
             raise DownloadError(
                 f"{source} does not match its published checksum (got {got} bytes, sha256 {digest[:12]}...; "
                 f"expected {size} bytes, sha256 {sha256[:12]}...); the download was discarded"
             )
-        os.replace(tmp, dest)  # Atomic: the destination only ever holds a verified archive.
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

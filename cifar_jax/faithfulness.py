@@ -40,9 +40,9 @@ import numpy as np
 from jax.tree_util import Partial
 
 from cifar_jax import cam
+from cifar_jax.cam.ops import EPS
 from cifar_jax.models import EvalLogits
 
-EPS = 1e-7
 LogitsFn = Callable[[jax.Array], jax.Array]  # (B, H, W, C) normalised images -> (B, classes) logits
 ROAD_PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Top-down order of the cascading randomisation; "stem" covers stem_conv and stem_bn.

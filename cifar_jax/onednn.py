@@ -27,12 +27,13 @@ import os
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cifar_jax.files import atomic_path
 
 SOURCE = Path(__file__).parent / "native" / "onednn_conv.cc"
 TARGETS = {
@@ -79,20 +80,16 @@ def _library_path() -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler = os.environ.get("CXX", "g++")
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # Built beside, renamed when complete: never half a library.
-    os.close(fd)
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", f"-I{include}",
-               str(SOURCE), "-o", tmp, f"-L{libdir}", "-ldnnl", f"-Wl,-rpath,{libdir}"]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        os.unlink(tmp)
-        raise RuntimeError(f"cannot compile the oneDNN extension with {compiler}: {e}") from None
-    if done.returncode != 0:
-        os.unlink(tmp)
-        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])
-        raise RuntimeError(f"compiling the oneDNN extension failed: {first or f'{compiler} exited with {done.returncode}'}")
-    os.replace(tmp, out)
+    with atomic_path(out, suffix=".so") as tmp:  # Built beside, renamed when complete: never half a library.
+        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", f"-I{include}",
+                   str(SOURCE), "-o", str(tmp), f"-L{libdir}", "-ldnnl", f"-Wl,-rpath,{libdir}"]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RuntimeError(f"cannot compile the oneDNN extension with {compiler}: {e}") from None
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])
+            raise RuntimeError(f"compiling the oneDNN extension failed: {first or f'{compiler} exited with {done.returncode}'}")
     digest.write_text(hashlib.sha256(out.read_bytes()).hexdigest())
     return out
 

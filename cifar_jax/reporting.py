@@ -19,6 +19,7 @@ import numpy as np
 
 from cifar_jax import inference, viz
 from cifar_jax.errors import UserError
+from cifar_jax.files import write_text_atomic
 
 REPORT_FILES = ("curves.png", "confusion_matrix.png", "misclassified.png", "gradcam.png", "classification_reports.md", "model_summary.txt")
 
@@ -33,22 +34,6 @@ class Report(NamedTuple):
     path: Path  # REPORT.md
     predictions: inference.Predictions  # of the whole test set
     misclassified: np.ndarray  # indices drawn in the grids, highest loss first
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``.
-
-    A crash or Ctrl-C at any moment leaves either the old file or the new one, never half of
-    one; the temporary file is removed if the write does not complete.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_history(workdir) -> list[dict]:

@@ -35,6 +35,7 @@ from cifar_jax import workdir as workdir_lib
 from cifar_jax.config import apply_overrides, describe_fields, load_config, validate
 from cifar_jax.data import Dataset, load_dataset
 from cifar_jax.errors import UserError
+from cifar_jax.files import write_json_atomic
 
 
 class TrainError(UserError):
@@ -185,7 +186,7 @@ def train_and_evaluate(config, workdir) -> list[dict]:
         lock.release()
     if run.is_main:
         run.say(clock.summary())
-        ckpt.write_json_atomic(workdir / "timings.json", {"seconds": clock.seconds, "total": clock.last - clock.started,
+        write_json_atomic(workdir / "timings.json", {"seconds": clock.seconds, "total": clock.last - clock.started,
                                                           "epochs_run": len(history)})
     return history
 
@@ -303,7 +304,7 @@ def restore_or_start(run: Run, manager, state):
             summary = model_summary(run.config, run.dataset.num_classes)
             (run.workdir / "model_summary.txt").write_text(summary)
             run.say(summary)
-        ckpt.write_json_atomic(run.workdir / "config.json", run.config.to_dict())
+        write_json_atomic(run.workdir / "config.json", run.config.to_dict())
     return state, history, progress
 
 

@@ -237,6 +237,14 @@ def make_device_train_chunk(mesh, *, aug: dict, label_smoothing: float = 0.0, ba
     return jax.jit(chunk, in_shardings=(repl,) * 8, out_shardings=(repl, repl), donate_argnums=(0,))
 
 
+def pad_batch(images: np.ndarray, labels: np.ndarray, rows: int):
+    """Pads (M, ...) images and (M,) labels to ``rows`` >= M with copies of the first; returns (x, y, mask (rows,) bool)."""
+    pad = rows - len(labels)
+    x = np.concatenate([images, np.repeat(images[:1], pad, 0)]) if pad else images
+    y = np.concatenate([labels, np.repeat(labels[:1], pad, 0)]) if pad else labels
+    return x, y, np.arange(rows) < len(labels)
+
+
 def put_eval_set(mesh, images: np.ndarray, labels: np.ndarray, batch_size: int):
     """Uploads a whole evaluation split once: ((nb, B, H, W, 3) images, (nb, B) labels, (nb, B) mask), sharded over B.
 
@@ -245,12 +253,9 @@ def put_eval_set(mesh, images: np.ndarray, labels: np.ndarray, batch_size: int):
     """
     devices = jax.device_count()
     b = -(-batch_size // devices) * devices
-    m = len(labels)
-    nb = -(-m // b)
-    pad = nb * b - m
-    x = np.concatenate([images, np.repeat(images[:1], pad, 0)]).reshape(nb, b, *images.shape[1:])
-    y = np.concatenate([labels, np.repeat(labels[:1], pad, 0)]).reshape(nb, b)
-    mask = (np.arange(nb * b) < m).reshape(nb, b)
+    nb = -(-len(labels) // b)
+    x, y, mask = pad_batch(images, labels, nb * b)
+    x, y, mask = x.reshape(nb, b, *images.shape[1:]), y.reshape(nb, b), mask.reshape(nb, b)
     sharding = NamedSharding(mesh, P(None, "data"))
     put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
     return put(x), put(y), put(mask)
@@ -309,12 +314,8 @@ def evaluate(eval_step, state, images, labels, mesh, batch_size: int, mean, std)
     m = len(labels)
     predictions, loss_sum = [], 0.0
     for start in range(0, m, batch):
-        x, y = images[start : start + batch], labels[start : start + batch]
-        valid = len(y)
-        if valid < batch:  # Pad with copies of the first image; the mask zeroes their loss.
-            x = np.concatenate([x, np.repeat(x[:1], batch - valid, 0)])
-            y = np.concatenate([y, np.repeat(y[:1], batch - valid, 0)])
-        mask = np.arange(batch) < valid
+        valid = len(labels[start : start + batch])
+        x, y, mask = pad_batch(images[start : start + batch], labels[start : start + batch], batch)  # the mask zeroes padding's loss
         rows = local_rows(batch)
         gx, gy = global_batch(mesh, x[rows], y[rows], batch)
         gmask = jax.make_array_from_process_local_data(batch_sharded(mesh), mask[rows], (batch,))

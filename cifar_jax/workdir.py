@@ -19,6 +19,7 @@ import jax
 
 from cifar_jax import checkpoints as ckpt
 from cifar_jax.errors import UserError
+from cifar_jax.files import write_text_atomic
 
 
 class WorkdirError(UserError):
@@ -116,6 +117,4 @@ def sync_hosts(name: str) -> None:
 
 def write_metrics_file(workdir: Path, history: list[dict]) -> None:
     """Rewrites ``metrics.jsonl`` from ``history`` atomically."""
-    tmp = workdir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    tmp.replace(workdir / "metrics.jsonl")
+    write_text_atomic(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))

@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-EPS = 1e-7
+EPS = 1e-7  # Keeps divisions by a norm or a sum finite.
 
 
 class LayerContext(NamedTuple):

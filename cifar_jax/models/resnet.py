@@ -182,7 +182,7 @@ class ResNet(nn.Module):
                 x = conv(self.width, (3, 3), padding=PAD_3x3, name="stem_conv")(x)
                 x = self.act(norm(name="stem_bn")(x))
             elif name.startswith("layer"):
-                k = int(name[-1]) - 1
+                k = index - STAGES.index("layer1")  # 0..3: the stage's position among the four
                 x = Stage(
                     self.block,
                     self.width * 2**k,
