@@ -36,7 +36,7 @@ def test_bad_overrides_are_one_line_errors(override, message):
         ("optim.name=rmsprop", 1, "unknown optim.name 'rmsprop'"),
         ("data.path=/no/such/place", 1, "does not exist"),
         ("model.name=vgg", 1, "unknown model.name 'vgg'"),
-        ("optim.schedule=linear", 1, "unknown optim.schedule"),
+        ("optim.schedule=step", 1, "unknown optim.schedule"),
         ("eval_every=0", 1, "eval_every must be an integer >= 1, got 0"),
         ("eval_translate=9", 1, r"eval_translate must be an integer in \[0, 8\], got 9"),
         ("model.norm_dtype=int8", 1, "unknown model.norm_dtype 'int8'; choose one of same, float32"),
