@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from cifar_jax import runtime
 from cifar_jax.errors import UserError
 
 # Fields that decide the shapes of a checkpoint; a mismatch is an "incompatible workdir".
@@ -131,7 +134,8 @@ def _disk_error(e: BaseException) -> tuple[int, str] | None:
         text = " ".join(str(seen).split())  # TensorStore reports write failures as ValueError/RuntimeError text.
         for code in DISK_ERRNOS:
             if os.strerror(code) in text:
-                return code, f"{os.strerror(code)} ({text[:160]})"
+                written = re.search(r'Failed writing: "([^"]+)"', text) or re.search(r'local file "([^"]+)"', text)
+                return code, f"{os.strerror(code)} ({written.group(1) if written else text[:160]})"
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -144,26 +148,27 @@ def save(manager, state, meta: dict, metrics: dict | None = None) -> int:
     step = int(jax.device_get(state.step))
     tree = state_to_tree(state)
     last = manager.latest_step()
-    try:
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(tree),
-                meta=ocp.args.JsonSave({**meta, "checksums": tree_checksums(tree)}),
-            ),
-            metrics=metrics,
-            force=True,
-        )
-        manager.wait_until_finished()
-    except Exception as e:
-        disk = _disk_error(e)
-        if disk is None:
-            raise
-        code, why = disk
-        good = "none" if last is None else f"step {last}"
-        fix = "free space" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix the disk"
-        raise CheckpointError(f"cannot save checkpoint step {step}: {why}; the last good checkpoint is {good}; "
-                              f"{fix} and run the same command to resume") from None
+    with runtime.library_logs_held():  # A failed save is the one line below, not orbax's log of each thread.
+        try:
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(tree),
+                    meta=ocp.args.JsonSave({**meta, "checksums": tree_checksums(tree)}),
+                ),
+                metrics=metrics,
+                force=True,
+            )
+            manager.wait_until_finished()
+        except Exception as e:
+            disk = _disk_error(e)
+            if disk is None:
+                raise
+            code, why = disk
+            good = "none" if last is None else f"step {last}"
+            fix = "free space" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix the disk"
+            raise CheckpointError(f"cannot save checkpoint step {step}: {why}; the last good checkpoint is {good}; "
+                                  f"{fix} and run the same command to resume") from None
     return step
 
 
@@ -266,22 +271,96 @@ def _short(e: BaseException) -> str:
     return text[:200]
 
 
-def check_step(manager, step: int, restore: Callable[[int, dict], dict]) -> tuple[dict, dict]:
-    """(meta, tree) of ``step`` if it reads and matches its checksums; else raises DamagedCheckpoint.
+# The keys of a step's meta, with their JSON types: the ones every reader needs, and the others this version
+# writes. A key outside both (or of another type) means another version wrote the step: it is damaged here.
+REQUIRED_META = {"config": dict, "class_names": list, "mean": list, "std": list}
+OPTIONAL_META = {"num_train": int, "num_test": int, "history": list, "progress": dict, "checksums": dict}
+# What resuming a run needs besides: its history and where it stopped (the fields of train.Progress).
+TRAINING_META = ("history", "progress")
+PROGRESS_FIELDS = {"epoch": int, "step_in_epoch": int, "loss_sum": (int, float), "correct": int, "count": int}
 
-    ``restore(step, meta)`` restores the items wanted (e.g. the whole state, or params and batch_stats);
-    each restored top-level item is compared with the checksum saved for it. Checkpoints written before
-    checksums existed are accepted on a clean read alone.
+
+def _json_type_ok(value, kind) -> bool:
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+
+
+def meta_problem(meta, training: bool = False) -> str | None:
+    """Why ``meta`` is not a step's meta as this version writes it (a phrase), or None if it is.
+
+    ``training``: resuming also needs the history and the progress within the epoch, field for field.
     """
+    if not isinstance(meta, dict):
+        return f"not a JSON object but {type(meta).__name__}"
+    needed = [*REQUIRED_META, *(TRAINING_META if training else ())]
+    missing = [k for k in needed if k not in meta]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    known = {**REQUIRED_META, **OPTIONAL_META}
+    unknown = sorted(set(meta) - set(known))
+    if unknown:
+        return f"has unknown key(s) {', '.join(unknown)} (written by another version?)"
+    wrong = [k for k, kind in known.items() if k in meta and not _json_type_ok(meta[k], kind)]
+    if wrong:
+        return f"{wrong[0]} is a {type(meta[wrong[0]]).__name__}, not a {known[wrong[0]].__name__}"
+    if len(meta["mean"]) != 3 or len(meta["std"]) != 3 or not meta["class_names"]:
+        return "mean/std are not 3 channels or class_names is empty"
+    for r in meta.get("history", []):
+        if not (isinstance(r, dict) and _json_type_ok(r.get("step"), int) and _json_type_ok(r.get("epoch"), int)):
+            return "a history record lacks its step or epoch"
+    if "progress" in meta:
+        progress = meta["progress"]
+        if set(progress) != set(PROGRESS_FIELDS):
+            return (f"progress has fields {', '.join(sorted(progress))}, not {', '.join(PROGRESS_FIELDS)} "
+                    "(written by another version?)")
+        if not all(_json_type_ok(progress[k], kind) for k, kind in PROGRESS_FIELDS.items()):
+            return "progress holds a value of the wrong type"
+    return None
+
+
+def non_finite_items(tree: dict) -> list[str]:
+    """The top-level items of ``tree`` holding a NaN or an infinity in any floating-point leaf."""
+    bad = []
+    for name in sorted(tree):
+        for leaf in jax.tree.leaves(tree[name]):
+            if not jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact):
+                continue
+            a = _host_array(leaf)
+            if not np.isfinite(a if a.dtype.kind in "fc" else a.astype(np.float32)).all():
+                bad.append(name)
+                break
+    return bad
+
+
+def check_step(manager, step: int, restore: Callable[[int, dict], dict], training: bool = False) -> tuple[dict, dict]:
+    """(meta, tree) of ``step`` if it reads, has the meta of this version and finite arrays that match their
+    checksums; else raises DamagedCheckpoint.
+
+    ``restore(step, meta)`` restores the items wanted (e.g. the whole state, or params and batch_stats; it may
+    raise DamagedCheckpoint itself); each restored top-level item is compared with the checksum saved for it
+    (checkpoints written before checksums existed are accepted on a clean read). ``training``: see ``meta_problem``.
+    Orbax's logs of a failed read are dropped: the DamagedCheckpoint says it in one line.
+    """
+    with runtime.library_logs_held() as held:
+        try:
+            return _check_step(manager, step, restore, training)
+        except DamagedCheckpoint:
+            gc.collect()  # Orbax's abandoned reads are collected now, their logs held and dropped.
+            held.drop()
+            raise
+
+
+def _check_step(manager, step: int, restore, training: bool) -> tuple[dict, dict]:
     try:
         meta = read_meta(manager, step)
     except Exception as e:
         raise DamagedCheckpoint(step, f"meta/metadata: {_short(e)}") from None
-    missing = [k for k in ("config", "class_names", "mean", "std") if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise DamagedCheckpoint(step, f"meta/metadata: lacks {', '.join(missing)}")
+    problem = meta_problem(meta, training)
+    if problem:
+        raise DamagedCheckpoint(step, f"meta/metadata: {problem}")
     try:
         tree = restore(step, meta)
+    except DamagedCheckpoint:
+        raise
     except Exception as e:
         raise DamagedCheckpoint(step, f"state/: {_short(e)}") from None
     expected = meta.get("checksums")
@@ -290,6 +369,9 @@ def check_step(manager, step: int, restore: Callable[[int, dict], dict]) -> tupl
         bad = [k for k in sorted(actual) if expected.get(k) != actual[k]]
         if bad:
             raise DamagedCheckpoint(step, f"state/: sha256 mismatch in {', '.join(bad)}")
+    non_finite = non_finite_items(tree)
+    if non_finite:
+        raise DamagedCheckpoint(step, f"state/: NaN or infinite values in {', '.join(non_finite)}")
     return meta, tree
 
 
@@ -309,11 +391,16 @@ def candidate_steps(manager, workdir, which: int | str) -> list[int]:
         history, unreadable = [], []
         for s in steps:
             try:
-                history = read_meta(manager, s).get("history", [])
-                break
+                meta = read_meta(manager, s)
             except Exception:
+                meta = None
+            if meta is None or meta_problem(meta):
                 unreadable.append(s)  # Cannot be ranked; tried first so that load_intact reports it as damaged.
-        scored = sorted((r for r in history if r["step"] in steps and "test_accuracy" in r), key=lambda r: (r["test_accuracy"], r["step"]), reverse=True)
+                continue
+            history = meta.get("history", [])
+            break
+        scored = sorted((r for r in history if r["step"] in steps and isinstance(r.get("test_accuracy"), (int, float))),
+                        key=lambda r: (r["test_accuracy"], r["step"]), reverse=True)
         ranked = list(dict.fromkeys(r["step"] for r in scored))
         return unreadable + ranked + [s for s in steps if s not in ranked and s not in unreadable]
     try:
@@ -325,17 +412,19 @@ def candidate_steps(manager, workdir, which: int | str) -> list[int]:
     return [step]
 
 
-def load_intact(manager, workdir, which: int | str, restore: Callable[[int, dict], dict], warn: bool = True) -> Loaded:
+def load_intact(manager, workdir, which: int | str, restore: Callable[[int, dict], dict], warn: bool = True,
+                training: bool = False) -> Loaded:
     """THE way to load a checkpoint: the first intact step among ``candidate_steps(which)``.
 
     Each damaged step passed over is reported on stderr in one line (``warning: checkpoint step 16 is
     damaged (...); using step 8``) when ``warn``; nothing is deleted or moved. Raises a one-line
     CheckpointError if no candidate is intact (for an explicit step number: if that step is damaged).
+    ``training``: the step must also hold what resuming needs (``meta_problem``).
     """
     damaged = []
     for step in candidate_steps(manager, workdir, which):
         try:
-            meta, tree = check_step(manager, step, restore)
+            meta, tree = check_step(manager, step, restore, training)
         except DamagedCheckpoint as d:
             damaged.append(d)
             continue

@@ -57,32 +57,29 @@ def load_cifar(which: str = "cifar10", path: str = "", label_mode: str = "fine",
                url: str = "", image_size: int = 32) -> Dataset:
     """CIFAR-10 or CIFAR-100 (``which``) from the official binary archive; returns a Dataset.
 
-    The archive is taken from ``path`` (the archive itself, under its official
-    name, or a directory holding it; used as it is), else from
-    ``default_cache_dir()`` (checked against the published sha256), else
-    downloaded there once (verified, see ``cifar_jax.download``) unless
-    ``download`` is False. Images are (N, 32, 32, 3), resized if ``image_size`` differs.
+    A ``path`` (the archive, under any name, or a folder holding it under its official name) is used as
+    it is, and only it: one that does not hold the archive is a DataError, never passed over. Without a
+    ``path`` the archive is taken from ``default_cache_dir()`` (checked against the published sha256),
+    else downloaded there once (verified, see ``cifar_jax.download``) unless ``download`` is False.
+    Images are (N, 32, 32, 3), resized if ``image_size`` differs.
     """
     release = RELEASES[which]
     cached = default_cache_dir() / release.archive
-    places = []
-    if path and Path(path).is_dir():
-        places.append(Path(path) / release.archive)
-    elif path and Path(path).name == release.archive:
-        places.append(Path(path))
-    places.append(cached)
-    archive = next((p for p in places if p.is_file()), None)
-    put_it = f"put the file at {cached} (or give its path as data.path)"
-    if archive is None and not download:
-        raise DataError(f"{release.archive} not found ({', '.join(map(str, places))}) and data.download=False; "
-                        f"{put_it}, from {dl.base_url(url)}/{release.archive}")
-    try:
-        if archive is None:
-            archive = dl.download(release.archive, cached.parent, url=url)
-        elif archive == cached:  # Ours to vouch for: checked on every use (sha256 of 170 MB: a fraction of a second).
-            dl.verify(archive)
-    except dl.DownloadError as e:
-        raise DataError(f"{e}; {put_it}") from None
+    if path:
+        archive = explicit_archive(Path(path), which, cached)
+    else:
+        archive = cached if cached.is_file() else None
+        put_it = f"put the file at {cached} (or give its path as data.path)"
+        if archive is None and not download:
+            raise DataError(f"{release.archive} not found at {cached} and data.download=False; "
+                            f"{put_it}, from {dl.base_url(url)}/{release.archive}")
+        try:
+            if archive is None:
+                archive = dl.download(release.archive, cached.parent, url=url)
+            else:  # Ours to vouch for: checked on every use (sha256 of 170 MB: a fraction of a second).
+                dl.verify(archive)
+        except dl.DownloadError as e:
+            raise DataError(f"{e}; {put_it}") from None
     tr_x, tr_y, te_x, te_y, names = read_release(archive, which, label_mode)
     if image_size != 32:
         tr_x, te_x = _resize_all(tr_x, image_size), _resize_all(te_x, image_size)
@@ -90,6 +87,21 @@ def load_cifar(which: str = "cifar10", path: str = "", label_mode: str = "fine",
     if which == "cifar100":
         description += f", {label_mode} labels ({len(names)} classes)"
     return Dataset(tr_x, tr_y, te_x, te_y, names, description)
+
+
+def explicit_archive(path: Path, which: str, cached: Path) -> Path:
+    """The archive a ``data.path`` names for source ``which``; a one-line DataError if it names none or another release's."""
+    release = RELEASES[which]
+    archive = path / release.archive if path.is_dir() else path
+    instead = f"give the {release.title} archive ({release.archive}) or a folder holding it, or data.path='' to use {cached}"
+    if not archive.is_file():
+        where = f"holds no {release.archive}" if path.is_dir() else "does not exist"
+        raise DataError(f"data.path {str(path)!r} {where}; {instead}")
+    other = next((k for k, r in RELEASES.items() if k != which and r.archive == archive.name), None)
+    if other:
+        raise DataError(f"data.path {str(path)!r} is the {RELEASES[other].title} archive but data.source is {which!r}; "
+                        f"use data.source={other}, or {instead}")
+    return archive
 
 
 def _resize_all(images: np.ndarray, size: int) -> np.ndarray:

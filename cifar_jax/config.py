@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
+from cifar_jax.dataset import DEFAULT_PATH
 from cifar_jax.errors import ConfigError, UserError  # noqa: F401  (ConfigError is part of this module's API)
 from cifar_jax.models import MODELS, NORMS
 
@@ -222,6 +223,14 @@ def flatten(config, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _path_exists(field: str, path: str) -> bool:
+    """Whether ``path`` exists; a path the OS refuses to look up (a name too long, no permission) is a ConfigError."""
+    try:
+        return Path(path).exists()
+    except OSError as e:
+        raise ConfigError(f"{field} {path!r} cannot be used: {e.strerror or e}") from None
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     """Checks every field against ``RULES`` and the fields against each other, before any compute.
 
@@ -245,9 +254,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         (c.eval_translate < c.data.image_size,
          f"eval_translate {c.eval_translate} must be < data.image_size {c.data.image_size} (reflect padding)"),
         (c.data.source != "folder" or bool(c.data.path), "data.path is empty: give the image-folder tree or its .tar.gz"),
-        (c.data.source != "folder" or Path(c.data.path).exists(), f"data.path {c.data.path!r} does not exist"),
+        (c.data.source != "folder" or _path_exists("data.path", c.data.path), f"data.path {c.data.path!r} does not exist"),
         (  # A mistyped path is an error, not a silent download; only the default (or "") may be missing.
-            c.data.source != "auto" or Path(c.data.path).exists() or c.data.path in ("", base_config().data.path),
+            c.data.source != "auto" or c.data.path in ("", DEFAULT_PATH) or _path_exists("data.path", c.data.path),
             f"data.path {c.data.path!r} does not exist (data.source=auto falls back to cifar10 only for the default path)",
         ),
         (c.data.label_mode == "fine" or c.data.source == "cifar100",
@@ -312,7 +321,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "auto"  # auto (folder at path if it exists, else cifar10), folder, cifar10, cifar100, tfds.
-    c.data.path = "../shared/data/cifar10-jpg.tar.gz"  # Folder/archive for folder; the archive (or its folder) for cifar10/100; data_dir for tfds.
+    c.data.path = DEFAULT_PATH  # ../shared/data/cifar10-jpg.tar.gz. Folder/archive for folder; the archive (or its folder) for cifar10/100; data_dir for tfds.
     c.data.name = "cifar10"  # tfds dataset name.
     c.data.label_mode = "fine"  # cifar100 only: "fine" (100 classes) or "coarse" (20 superclasses).
     c.data.download = True  # cifar10/cifar100: fetch the official archive into the cache dir if missing.

@@ -22,7 +22,7 @@ import numpy as np
 
 from cifar_jax.cifar_binary import load_cifar
 from cifar_jax.files import atomic_path
-from cifar_jax.dataset import DataError, Dataset, reason, subsample  # noqa: F401  (re-exported: the public data API)
+from cifar_jax.dataset import DEFAULT_PATH, DataError, Dataset, reason, subsample  # noqa: F401  (re-exported: the public data API)
 from cifar_jax.runtime import default_cache_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -53,9 +53,8 @@ def load_dataset(data_config) -> Dataset:
             raise DataError("data.path is empty: give an image-folder tree or a .tar.gz of one")
         ds = load_folder(path, image_size=data_config.image_size, cache=data_config.cache)
     elif source in ("cifar10", "cifar100"):
-
         ds = load_cifar(
-            source, path=path, label_mode=getattr(data_config, "label_mode", "fine"),
+            source, path="" if path == DEFAULT_PATH else path, label_mode=getattr(data_config, "label_mode", "fine"),
             download=getattr(data_config, "download", True), url=getattr(data_config, "url", ""),
             image_size=data_config.image_size,
         )

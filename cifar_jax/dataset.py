@@ -9,6 +9,11 @@ import numpy as np
 from cifar_jax.errors import UserError
 
 
+# data.path of base_config(): the CIFAR-10 JPEG archive beside the checkout. Not an explicit choice of the user, so the
+# binary sources (cifar10, cifar100) read their archive from the cache instead, as when data.path is "".
+DEFAULT_PATH = "../shared/data/cifar10-jpg.tar.gz"
+
+
 class DataError(UserError):
     """Raised for a missing, empty or malformed data source (a one-line message)."""
 

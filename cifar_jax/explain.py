@@ -19,6 +19,7 @@ import numpy as np
 
 from cifar_jax import runtime
 from cifar_jax.errors import UserError
+from cifar_jax.files import atomic_path, write_text_atomic
 from cifar_jax.inference import METHOD_LABELS, ExplainError, canonical_method
 
 
@@ -67,7 +68,11 @@ def _run(args) -> int:
     print(f"Model: step {trained.step} of {args.workdir} ({trained.config.model.name} width {trained.config.model.width}"
           f"{f', predictions averaged over {trained.describe_views()}' if trained.describe_views() else ''})")
     out = Path(args.out) if args.out else Path(args.workdir) / "explain"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExplainError(f"cannot create the output folder {str(out)!r}: {e.strerror or e}; "
+                           "give a writable one with --out DIR") from None
     if args.evaluate:
         return evaluate(trained, args, out)
     if args.images:
@@ -102,7 +107,8 @@ def explain_test_set(trained, args, method: str, target, out: Path) -> int:
     for i, (idx, y, p, pic) in enumerate(zip(worst, preds.labels[worst], probs, pictures)):
         viz.save_png(out / "overlays" / f"{i:03d}_test{idx}_true-{names[y]}_pred-{names[int(p.argmax())]}.png",
                      viz.upscale_nearest(pic, 4))
-    np.savez(out / "maps.npz", maps=expl.maps, targets=expl.targets, test_indices=worst)
+    with atomic_path(out / "maps.npz", suffix=".npz") as tmp:
+        np.savez(tmp, maps=expl.maps, targets=expl.targets, test_indices=worst)
     print(f"Explained {len(worst)} misclassified test images with {label} at {args.layer}: "
           f"{out / (method + '.png')}, {out / 'misclassified.png'}, {out / 'overlays'}/, {out / 'maps.npz'}")
     return 0
@@ -154,8 +160,8 @@ def evaluate(trained, args, out: Path) -> int:
     text, record = faithfulness.trained_model_report(trained, ds.test_images, ds.test_labels, methods=methods,
                                                      seed=args.seed, layer=args.layer, progress=True)
     print(text)
-    (out / "faithfulness.md").write_text(text)
-    (out / "faithfulness.json").write_text(json.dumps(record, indent=1, default=float))
+    write_text_atomic(out / "faithfulness.md", text)
+    write_text_atomic(out / "faithfulness.json", json.dumps(record, indent=1, default=float))
     print(f"Faithfulness table written to {out / 'faithfulness.md'} and {out / 'faithfulness.json'}")
     return 0
 

@@ -19,15 +19,20 @@ def atomic_path(path, suffix: str = "") -> Iterator[Path]:
     """Yields a fresh temporary path beside ``path`` (ending in ``suffix``, e.g. ".npz" for ``np.savez``).
 
     On a clean exit the temporary file is renamed over ``path``; on an exception (or if it was never
-    written) nothing of it is left and ``path`` is unchanged.
+    written) nothing of it is left and ``path`` is unchanged. An OSError about the temporary file names ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (str(tmp), tmp) and e.errno:  # Name the file being written, not its temporary name.
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # A read-only disk answers EROFS even for a file never created.
+            tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -120,10 +120,14 @@ def load_trained(workdir, step: int | str = "best") -> TrainedModel:
     models = {}
 
     def restore(s: int, meta: dict) -> dict:
-        config = ml_collections.ConfigDict(meta["config"])
-        model = models[s] = build_model(config, len(meta["class_names"]), conv="xla")
-        image = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
-        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+        try:
+            config = ml_collections.ConfigDict(meta["config"])
+            model = models[s] = build_model(config, len(meta["class_names"]), conv="xla")
+            image = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
+            abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+        except Exception as e:  # A config this version cannot build a model from (e.g. written by another version).
+            why = f"{type(e).__name__}: {' '.join(str(e).split())}"[:160]
+            raise ckpt.DamagedCheckpoint(s, f"meta/metadata: its config builds no model here ({why})") from None
         return ckpt.restore_variables(manager, s, abstract)
 
     manager = ckpt.make_manager(workdir, read_only=True)

@@ -5,6 +5,8 @@ Nothing here computes; each function is called once at the start of a CLI.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import logging
 import os
@@ -26,11 +28,69 @@ def default_cache_dir() -> Path:
 
 
 def quiet_library_logs() -> None:
-    """Hides orbax/absl INFO and WARNING chatter (e.g. about read-only managers) from the CLI output."""
+    """Hides orbax/absl INFO and WARNING chatter (e.g. about read-only managers) from the CLI output, and asyncio's
+    reports of orbax tasks abandoned after a failure (``_drop_abandoned_tasks``)."""
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
+    asyncio_logger = logging.getLogger("asyncio")
+    if _drop_abandoned_tasks not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_drop_abandoned_tasks)
+
+
+def _drop_abandoned_tasks(record: logging.LogRecord) -> bool:
+    """False for asyncio's "Task/Future exception was never retrieved": the package runs no asyncio code of its own,
+    so these are orbax/tensorstore reads or writes left behind when a save or restore failed, which the failure
+    itself already reported in one line."""
+    return "exception was never retrieved" not in str(record.msg)
+
+
+LIBRARY_LOGGERS = ("absl", "asyncio")  # Where orbax and tensorstore report failures of their background threads.
+
+
+class HeldLogs(logging.Handler):
+    """Collects the records of ``LIBRARY_LOGGERS`` while installed (see ``library_logs_held``)."""
+
+    def __init__(self):
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+        self.dropped = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def drop(self) -> None:
+        """Discards what was held: the caller reports the failure behind it in one line."""
+        self.records.clear()
+        self.dropped = True
+
+
+@contextlib.contextmanager
+def library_logs_held():
+    """Within the block, orbax's log records (absl, asyncio) are held back instead of printed; yields a ``HeldLogs``.
+
+    At the end they are passed on as if logged then, unless the block called ``.drop()`` or ended in a
+    ``UserError``, whose one line says what failed: a failed save or restore then prints that line and nothing
+    else (orbax logs each failing background thread with its traceback).
+    """
+    held = HeldLogs()
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    saved = [(lg.handlers, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [held], False
+    failed_in_one_line = False
+    try:
+        yield held
+    except UserError:
+        failed_in_one_line = True
+        raise
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved):
+            lg.handlers, lg.propagate = handlers, propagate
+        if not (failed_in_one_line or held.dropped):
+            for record in held.records:
+                logging.getLogger(record.name).handle(record)
 
 
 def enable_compilation_cache() -> None:
@@ -70,16 +130,33 @@ def _is_orbax_teardown_noise(unraisable) -> bool:
 
 
 def _quiet_unraisable(default_hook):
+    """An unraisable hook: orbax teardown noise is dropped; a Ctrl-C that Python discarded (raised in a weakref
+    callback, a finalizer, ...) is delivered again instead of printed as "Exception ignored"."""
+
     def hook(unraisable):
-        if not _is_orbax_teardown_noise(unraisable):
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            _send_sigint_soon()
+        elif not _is_orbax_teardown_noise(unraisable):
             default_hook(unraisable)
 
     return hook
 
 
+_pending_sigint: threading.Timer | None = None  # A discarded Ctrl-C on its way again (``_send_sigint_soon``).
+
+
+def _send_sigint_soon() -> None:
+    """SIGINT to this process 50 ms from now, from a timer thread (by then Python runs ordinary code again)."""
+    global _pending_sigint
+    _pending_sigint = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+    _pending_sigint.daemon = True
+    _pending_sigint.start()
+
+
 def _where_python_discards_exceptions(frame) -> bool:
     """Whether ``frame`` runs inside a garbage-collector callback (JAX registers one) or a ``__del__``, where a
-    KeyboardInterrupt would be printed as "Exception ignored" and lost."""
+    KeyboardInterrupt would be printed as "Exception ignored" and lost. Other such places (weakref callbacks)
+    are caught afterwards by ``_quiet_unraisable``."""
     callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
     while frame is not None:
         if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
@@ -90,9 +167,11 @@ def _where_python_discards_exceptions(frame) -> bool:
 
 def _on_sigint(signum, frame):
     """Ctrl-C as KeyboardInterrupt, sent again 50 ms later if it arrived where Python would discard it."""
+    global _pending_sigint
     if _where_python_discards_exceptions(frame):
-        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        _send_sigint_soon()
         return
+    _pending_sigint = None
     raise KeyboardInterrupt
 
 
@@ -118,25 +197,61 @@ def keep_freed_memory() -> bool:
                ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
 
 
+# What to do about the OS errors a user can fix, by errno.
+OS_ERROR_ADVICE = {
+    errno.ENAMETOOLONG: "use shorter names (at most 255 bytes a folder or file name)",
+    errno.EROFS: "use a writable location",
+    errno.EACCES: "fix its permissions or use another location",
+    errno.EPERM: "fix its permissions or use another location",
+    errno.ENOSPC: "free space and run the same command again",
+    errno.EDQUOT: "free space and run the same command again",
+    errno.EFBIG: "free space and run the same command again",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "it is a folder; give a file",
+    errno.ELOOP: "the path has a symbolic-link loop; check the path",
+    errno.EIO: "the disk reported an I/O error; check it",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: the path(s), the OS's words for its errno and what to do."""
+    words = os.strerror(e.errno) if e.errno else (" ".join(str(e).split()) or type(e).__name__)
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    where = f"cannot use {' -> '.join(repr(p) for p in paths)}: " if paths else ""
+    advice = OS_ERROR_ADVICE.get(e.errno)
+    return f"{where}{words}" + (f"; {advice}" if advice else "")
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Runs a CLI body: a ``UserError`` prints ``error: <one line>`` and returns its exit code; Ctrl-C returns 130.
+
+    An ``OSError`` (a path too long, a read-only or full disk, no permission) prints ``error: cannot use PATH:
+    <the OS's words>; <what to do>`` and returns 1.
 
     Returns the body's own exit code otherwise. Library logs are quietened and glibc told to keep freed
     memory (``keep_freed_memory``) first.
     """
+    global _interrupted, _pending_sigint
     keep_freed_memory()
     quiet_library_logs()
     sys.unraisablehook = _quiet_unraisable(sys.__unraisablehook__)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _on_sigint) if in_main_thread else None
     try:
-        return main()
+        code = main()
+        if _pending_sigint is not None:  # Ctrl-C was discarded where Python ignores exceptions, just before the end.
+            _pending_sigint.cancel()
+            raise KeyboardInterrupt
+        return code
     except UserError as e:
         print(f"{e.prefix}{e.message}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        global _interrupted
-        _interrupted = True
+        _interrupted, _pending_sigint = True, None
         print("\ninterrupted (Ctrl-C); nothing was left half-written", file=sys.stderr)
         return 130
     finally:

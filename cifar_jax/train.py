@@ -291,7 +291,7 @@ def restore_or_start(run: Run, manager, state):
     step = manager.latest_step()
     if step is not None:
         loaded = ckpt.load_intact(manager, run.workdir, "latest", lambda s, meta: ckpt.restore_tree(manager, s, state),
-                                  warn=False)
+                                  warn=False, training=True)
         workdir_lib.set_aside_damaged(manager, run.workdir, loaded, run.is_main)
         step, meta = loaded.step, loaded.meta
         state = ckpt.tree_to_state(state, loaded.tree)

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cifar_jax.files import atomic_path
+
 
 def heatmap_overlay(image, cam, alpha: float = 0.5, colormap: str = "jet"):
     """Blends a colour-mapped CAM over an image.
@@ -46,7 +48,8 @@ def save_png(path, image) -> None:
     if image.dtype != np.uint8:
         image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, optimize=True)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(image).save(tmp, optimize=True)
 
 
 def image_grid(
@@ -83,9 +86,12 @@ def image_grid(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    shrink_png(path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # A failed or interrupted write leaves the old picture.
+            fig.savefig(tmp, dpi=90)
+            shrink_png(tmp)
+    finally:
+        plt.close(fig)
 
 
 def shrink_png(path) -> None:

@@ -73,9 +73,11 @@ def open_workdir(workdir: Path, config, num_classes: int, meta: dict | None = No
             for step in sorted(probe.all_steps(), reverse=True):
                 try:
                     saved = ckpt.read_meta(probe, step)
-                    saved_config, saved_classes = saved["config"], len(saved["class_names"])
                 except Exception:
                     continue  # Damaged: restore_or_start reports it; compare with the newest readable one.
+                if ckpt.meta_problem(saved, training=True):
+                    continue  # Likewise (e.g. written by another version).
+                saved_config, saved_classes = saved["config"], len(saved["class_names"])
                 why = ckpt.describe_mismatch(saved_config, config, num_classes, saved_classes, saved, meta)
                 if why:
                     raise WorkdirError(f"workdir {str(workdir)!r} {why}")

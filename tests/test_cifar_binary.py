@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import io
 import os
+import shutil
 import socket
 import tarfile
 import threading
@@ -323,3 +324,48 @@ def test_missing_file_on_the_server_is_a_one_line_error(server, private_cache):
         load_dataset(data_config(source="cifar10", url=server.url.replace("/data", "/nowhere")))
     one_line(e)
     assert leftovers(private_cache) == []
+
+
+# --------------------------------------------------------------------------- an explicit data.path is never passed over
+
+
+def test_an_archive_of_the_other_release_is_refused_not_ignored(server, archives, monkeypatch, private_cache):
+    publish(monkeypatch, archives[C10])
+    private_cache.mkdir()
+    shutil.copy(archives[C10], private_cache / C10)  # A CIFAR-10 archive in the cache must not be used instead.
+    for download in (True, False):
+        with pytest.raises(DataError, match=f"data.path '{archives[C100]}' is the CIFAR-100 archive but data.source "
+                                            "is 'cifar10'; use data.source=cifar100") as e:
+            load_dataset(data_config(source="cifar10", path=str(archives[C100]), url=server.url, download=download))
+        one_line(e)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("where", ["missing file", "folder without it"])
+def test_an_explicit_path_without_the_archive_is_refused(server, archives, monkeypatch, private_cache, tmp_path, where):
+    publish(monkeypatch, archives[C10])
+    path = tmp_path / ("nowhere.tar.gz" if where == "missing file" else "empty")
+    if where != "missing file":
+        path.mkdir()
+    with pytest.raises(DataError, match="does not exist" if where == "missing file" else f"holds no {C10}") as e:
+        load_dataset(data_config(source="cifar10", path=str(path), url=server.url))
+    assert f"or data.path='' to use {private_cache / C10}" in one_line(e)
+    assert server.requests == [] and leftovers(private_cache) == []
+
+
+def test_an_archive_under_another_name_is_read_as_given(archives, tmp_path):
+    renamed = tmp_path / "my-cifar10.tgz"
+    shutil.copy(archives[C10], renamed)
+    assert load_dataset(data_config(source="cifar10", path=str(renamed))).num_classes == 10
+    with pytest.raises(DataError, match="is not the CIFAR-100 binary release") as e:
+        load_dataset(data_config(source="cifar100", path=str(renamed)))
+    one_line(e)
+
+
+def test_the_default_path_is_not_an_explicit_choice(server, archives, monkeypatch):
+    """The CIFAR-100 recipe keeps base_config's data.path (the CIFAR-10 JPEG archive): the cache is used."""
+    from cifar_jax.dataset import DEFAULT_PATH
+
+    publish(monkeypatch, archives[C100])
+    ds = load_dataset(data_config(source="cifar100", path=DEFAULT_PATH, url=server.url))
+    assert ds.num_classes == 100 and server.requests == [f"/data/{C100}"]

@@ -45,6 +45,32 @@ def flip_a_bit(step_dir):
         p.write_bytes(bytes(data))
 
 
+def rewrite_step(step_dir, change_tree=None, change_meta=None):
+    """Saves ``step_dir``'s step again with its arrays and meta changed; the checksums match the new arrays."""
+    workdir, step = step_dir.parent.parent, int(step_dir.name)
+    manager = make_manager(workdir)
+    meta = ckpt.read_meta(manager, step)
+    tree = jax.tree.map(np.array, manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"])
+    manager.close()
+    if change_tree:
+        change_tree(tree)
+        meta["checksums"] = ckpt.tree_checksums(tree)
+    if change_meta:
+        change_meta(meta)
+    shutil.rmtree(step_dir)
+    manager = make_manager(workdir)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def edit_meta(step_dir, change):
+    path = step_dir / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
 DAMAGE = {
     "truncated array file": truncate_array_file,
     "flipped bit": flip_a_bit,
@@ -53,6 +79,9 @@ DAMAGE = {
     "missing meta": lambda d: (d / "meta" / "metadata").unlink(),
     "meta without config": lambda d: (d / "meta" / "metadata").write_text("{}"),
     "deleted state dir": lambda d: shutil.rmtree(d / "state"),
+    "NaN in params": lambda d: rewrite_step(d, change_tree=lambda t: t["params"]["head"]["kernel"].flat.__setitem__(3, np.nan)),
+    "meta key renamed": lambda d: edit_meta(d, lambda m: m.update(progres=m.pop("progress"))),
+    "meta with an unknown progress field": lambda d: edit_meta(d, lambda m: m["progress"].update(lr=0.1)),
 }
 
 
