@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import re
+import sys
 import tarfile
 import warnings
 import zlib
@@ -94,7 +95,11 @@ def load_folder(path: str | os.PathLike, image_size: int = 32, cache: bool = Tru
     total, entries = (_dir_entries(path) if path.is_dir() else (None, _tar_entries(path)))
     ds = _decode_entries(entries, str(path), image_size, total, progress)
     if cache_file is not None:
-        _save_npz(cache_file, ds, key, image_size)
+        try:
+            _save_npz(cache_file, ds, key, image_size)
+        except OSError as e:  # The cache only saves time: the data in hand is used all the same.
+            print(f"warning: cannot write the data cache {str(cache_file)!r}: {e.strerror or e}; going on without it "
+                  "(set CIFAR_JAX_CACHE to a writable folder, or data.cache=False)", file=sys.stderr)
     return ds
 
 

@@ -72,7 +72,7 @@ def _run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExplainError(f"cannot create the output folder {str(out)!r}: {e.strerror or e}; "
-                           "give a writable one with --out DIR") from None
+                           "give another (writable) folder with --out DIR") from None
     if args.evaluate:
         return evaluate(trained, args, out)
     if args.images:

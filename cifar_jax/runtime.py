@@ -99,7 +99,16 @@ def enable_compilation_cache() -> None:
 
     if os.environ.get("CIFAR_JAX_NO_COMPILE_CACHE"):
         return
-    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
+    cache = default_cache_dir() / "jax"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache, os.W_OK):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(cache))
+    except OSError as e:  # The cache only saves time: compile every time instead.
+        print(f"warning: cannot use the compilation cache {str(cache)!r}: {e.strerror or e}; going on without it "
+              "(set CIFAR_JAX_CACHE to a writable folder)", file=sys.stderr)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

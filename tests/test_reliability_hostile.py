@@ -1,7 +1,8 @@
 """Issue 23: the second round of hostile input. Each case is one line on stderr, no traceback, nothing lost.
 
-Damaged checkpoints of new kinds (NaN in the parameters, meta of another version) are cases of
-``DAMAGE`` in tests/test_reliability_state.py; the rest is here.
+Damaged checkpoints of new kinds (NaN in the parameters, meta of another version) are also cases of
+``DAMAGE`` in tests/test_reliability_state.py, and an explicit data.path that is not the archive asked for
+is tested in tests/test_cifar_binary.py; the rest is here.
 """
 
 import asyncio
@@ -228,7 +229,7 @@ def test_read_only_workdir_explain_without_out_names_the_flag(reference, tmp_pat
     read_only_below(monkeypatch, reference / "explain")
     assert explain.main(["--workdir", str(reference), "--num", "2"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "cannot create the output folder" in line and "give a writable one with --out DIR" in line
+    assert "cannot create the output folder" in line and "give another (writable) folder with --out DIR" in line
 
 
 def test_read_only_workdir_report_is_one_line_and_keeps_the_old_files(smoke_workdir, tmp_path, monkeypatch, capsys):
@@ -249,7 +250,29 @@ def test_read_only_workdir_report_is_one_line_and_keeps_the_old_files(smoke_work
     assert snapshot(workdir) == before
 
 
-# --------------------------------------------------------------------------- 7: an explicit data path is used or refused
+def test_read_only_cache_is_a_warning_and_the_data_is_used(image_tree, tmp_path, monkeypatch, capsys):
+    from cifar_jax import data
+
+    def read_only(file, *args):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+
+    monkeypatch.setenv("CIFAR_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_save_npz", read_only)
+    assert data.load_folder(image_tree, progress=False).num_classes == 3
+    line = one_error_line(capsys.readouterr().err, "warning: cannot write the data cache ")
+    assert "Read-only file system; going on without it" in line
+
+
+def test_unusable_compilation_cache_is_a_warning(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("CIFAR_JAX_CACHE", str(tmp_path / "file" / "cache"))  # Below a file: ENOTDIR.
+    monkeypatch.delenv("CIFAR_JAX_NO_COMPILE_CACHE", raising=False)
+    runtime.enable_compilation_cache()
+    line = one_error_line(capsys.readouterr().err, "warning: cannot use the compilation cache ")
+    assert "Not a directory; going on without it" in line
+
+
+# --------------------------------------------------------------------------- 8: meta of another version (7: test_cifar_binary.py)
 
 
 def test_progress_fields_match_the_trainer():
