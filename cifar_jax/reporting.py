@@ -41,7 +41,22 @@ def read_history(workdir) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    history = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            record = None
+            why = e.msg
+        else:
+            why = "not a record with epoch, train_loss, train_accuracy, lr and epoch_time_s"
+        if not (isinstance(record, dict) and all(k in record for k in ("epoch", "train_loss", "train_accuracy", "lr", "epoch_time_s"))):
+            raise ReportError(f"{path} line {number} is damaged ({why}); run the training command again to rewrite it "
+                              "from the checkpoints")
+        history.append(record)
+    return history
 
 
 def class_report(labels, predictions, class_names) -> dict:

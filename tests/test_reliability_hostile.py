@@ -312,3 +312,13 @@ def test_nan_in_params_is_named_and_the_older_step_is_used(reference, tmp_path, 
     assert load_trained(workdir, "latest").step == 16
     line = one_error_line(capsys.readouterr().err, "warning: ")
     assert "checkpoint step 24 is damaged (state/: NaN or infinite values in params); using step 16" in line
+
+
+def test_damaged_metrics_file_is_one_line_for_the_report(tmp_path, capsys):
+    from cifar_jax import report
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "lr": 0.1, '
+                                            '"epoch_time_s": 1.0}\n{"epoch": 2, "trai\n')
+    assert report.main(["--workdir", str(tmp_path)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'metrics.jsonl'} line 2 is damaged (" in line and "run the training command again" in line
