@@ -29,16 +29,7 @@ from cifar_jax.augment import normalize
 from cifar_jax.errors import UserError
 from cifar_jax.models import EvalLogits, build_model, eval_logits
 
-# Display names of every method in cam.ALL_METHODS (canonical names, as the CLI takes them).
-METHOD_LABELS = {
-    "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "hirescam": "HiResCAM",
-    "layercam": "LayerCAM", "scorecam": "Score-CAM", "eigencam": "EigenCAM", "ablationcam": "Ablation-CAM",
-    "eigengradcam": "EigenGrad-CAM", "gradcam-elementwise": "Grad-CAM element-wise", "fullgrad": "FullGrad",
-    "gradients": "Gradients", "input-x-gradient": "Input x gradient", "integrated-gradients": "Integrated Gradients",
-    "smoothgrad": "SmoothGrad", "occlusion": "Occlusion",
-    "guided-gradcam": "Guided Grad-CAM", "guided-backprop": "Guided backprop",
-}
-GUIDED_METHODS = ("guided-gradcam", "guided-backprop")
+METHOD_LABELS = cam.LABELS  # Display names of every method (cam.REGISTRY), keyed by canonical name.
 
 
 class ExplainError(UserError):
@@ -212,16 +203,16 @@ def explain(trained: TrainedModel, images, targets=None, *, method="gradcam", la
         targets = np.asarray(trained.logits(images)).argmax(-1)
     targets = np.broadcast_to(np.asarray(targets, np.int32), (len(images),))
     x = normalize(images, trained.mean, trained.std)
-    if method not in (*cam.CAM_METHODS, "fullgrad", *GUIDED_METHODS):  # Pixel attributions: gradients, IG, occlusion...
+    kind = cam.REGISTRY[method].kind
+    if kind == "pixel":  # gradients, Integrated Gradients, occlusion...
         maps = cam.saliency_maps(method, trained.model, trained.variables, x, jnp.asarray(targets), layer=layer, key=key)
         return Explanation(np.asarray(maps), targets, None, method, layer)
-    cam_method = "gradcam" if method in GUIDED_METHODS else method
-    cams = cam.compute_cams(trained.model, trained.variables, x, targets, method=cam_method, layer=layer,
-                            aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+    cams = cam.compute_cams(trained.model, trained.variables, x, targets, method="gradcam" if kind == "guided" else method,
+                            layer=layer, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
     guided = None
-    if method in GUIDED_METHODS:
+    if kind == "guided":
         guided = cam.guided_backprop(trained.model, trained.variables, x, targets)
-        if method == "guided-gradcam":
+        if cam.REGISTRY[method].weigh is not None:  # Guided Grad-CAM: guided backprop times the CAM
             guided = guided * cams.maps[..., None]
         guided = np.asarray(guided)
     return Explanation(np.asarray(cams.maps), targets, guided, method, layer)

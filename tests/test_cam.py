@@ -150,3 +150,18 @@ def test_eigen_smooth_changes_the_map_but_not_its_range(tiny):
     smooth = cam.compute_cams(model, variables, images, eigen_smooth=True)
     assert smooth.maps.shape == plain.maps.shape and not np.allclose(smooth.maps, plain.maps)
     assert float(smooth.maps.min()) >= 0 and float(smooth.maps.max()) <= 1 + 1e-6
+
+
+def test_the_registry_is_the_one_list_of_methods():
+    """Every method is one REGISTRY entry; the views, labels and the explain CLI's --help all come from it."""
+    from tests.conftest import run_module
+
+    assert list(cam.REGISTRY) == list(cam.ALL_METHODS) and set(cam.LABELS) == set(cam.REGISTRY)
+    for name, m in cam.REGISTRY.items():
+        assert m.name == name and m.label and m.kind in ("cam", "fullgrad", "guided", "pixel")
+        assert (m.weigh is not None) == (m.kind == "cam" or name == "guided-gradcam")
+        assert (m.attribute is not None) == (m.kind == "pixel")
+        assert cam.canonical_method(m.label) == name  # the label is a valid spelling too
+    assert set(cam.METHODS) <= set(cam.CAM_METHODS) and "scorecam" in cam.METHODS
+    help_text = " ".join(run_module("cifar_jax.explain", "--help").stdout.split())
+    assert all(name in help_text for name in cam.ALL_METHODS)

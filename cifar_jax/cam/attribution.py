@@ -96,6 +96,18 @@ def smooth_grad(fn, images, key, *, samples: int = 16, noise: float = 0.15):
     return total / samples
 
 
+
+def smooth_gradients(model, variables, images, targets=None, *, key=None, samples: int = 16, noise: float = 0.15,
+                     apply_kwargs=None):
+    """SmoothGrad of vanilla gradients: (N, H, W, C). ``targets`` None: each clean image's predicted class, kept for
+    every noisy copy; ``key`` (default ``jax.random.key(0)``) draws the noise."""
+    images = jnp.asarray(images, jnp.float32)
+    if targets is None:
+        targets = jnp.argmax(as_float32(as_apply_fn(model, apply_kwargs)(variables, images)), -1)
+    key = jax.random.key(0) if key is None else key
+    return smooth_grad(lambda x: gradients(model, variables, x, targets, apply_kwargs=apply_kwargs), images, key,
+                       samples=samples, noise=noise)
+
 def _windows(size: int, window: int, stride: int) -> list[int]:
     starts = list(range(0, max(size - window, 0) + 1, stride))
     return starts if starts[-1] + window >= size else starts + [size - window]  # the last window reaches the edge

@@ -6,12 +6,14 @@ applies ReLU, upsamples and scales. References are in ``docs/cam.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from cifar_jax.cam.attribution import gradients, input_x_gradient, integrated_gradients, occlusion, smooth_gradients
 from cifar_jax.cam.ops import EPS, LayerContext, chunked_map, class_probability, minmax_scale
 
 
@@ -101,29 +103,53 @@ def ablation_cam(ctx: LayerContext):
     return weights[:, None, None, :] * ctx.activations
 
 
-# Today's methods (faithfulness and the explain CLI iterate over this dict; keep it stable).
-METHODS: dict[str, Callable[[LayerContext], jax.Array]] = {
-    "gradcam": grad_cam,
-    "gradcam++": grad_cam_plus_plus,
-    "xgradcam": xgrad_cam,
-    "hirescam": hires_cam,
-    "layercam": layer_cam,
-    "scorecam": score_cam,
-    "eigencam": eigen_cam,
-}
-# Every layer CAM: today's and the ones added from pytorch-grad-cam. "fullgrad" uses every bias, not one layer.
-CAM_METHODS: dict[str, Callable[[LayerContext], jax.Array]] = {
-    **METHODS,
-    "ablationcam": ablation_cam,
-    "eigengradcam": eigen_grad_cam,
-    "gradcam-elementwise": grad_cam_elementwise,
-}
-# Methods whose map is the first principal component whatever eigen_smooth says.
-ALWAYS_EIGEN = ("eigencam", "eigengradcam")
-# Pixel-space methods (cifar_jax.cam.attribution and .guided).
-ATTRIBUTION_METHODS = ("fullgrad", "gradients", "input-x-gradient", "integrated-gradients", "smoothgrad", "occlusion",
-                       "guided-backprop", "guided-gradcam")
-ALL_METHODS = (*CAM_METHODS, *ATTRIBUTION_METHODS)
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One explanation method: the one place that knows its name, label and how it is computed.
+
+    kind: "cam" weighs one layer's activations with ``weigh`` (``LayerContext`` -> (N, h, w, K)); "fullgrad" uses
+    every bias; "guided" is guided backpropagation, times the CAM of ``weigh`` when it is set; "pixel" is an input
+    attribution ``attribute(model, variables, images, targets, **kwargs)`` -> (N, H, W, C).
+    """
+
+    name: str  # canonical spelling, as the CLIs take it
+    label: str  # for titles, tables and captions
+    kind: str
+    weigh: Callable[[LayerContext], jax.Array] | None = None
+    attribute: Callable | None = None
+    default: bool = False  # among the default CAMs (faithfulness tables, explain's gallery)
+    principal_component: bool = False  # the map is the first principal component whatever eigen_smooth says
+    random: bool = False  # draws noise: takes a PRNG ``key``
+
+
+# Every method, in display order. Adding one: its function above (or in attribution.py) and one line here.
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("gradcam", "Grad-CAM", "cam", grad_cam, default=True),
+    Method("gradcam++", "Grad-CAM++", "cam", grad_cam_plus_plus, default=True),
+    Method("xgradcam", "XGrad-CAM", "cam", xgrad_cam, default=True),
+    Method("hirescam", "HiResCAM", "cam", hires_cam, default=True),
+    Method("layercam", "LayerCAM", "cam", layer_cam, default=True),
+    Method("scorecam", "Score-CAM", "cam", score_cam, default=True),
+    Method("eigencam", "EigenCAM", "cam", eigen_cam, default=True, principal_component=True),
+    Method("ablationcam", "Ablation-CAM", "cam", ablation_cam),
+    Method("eigengradcam", "EigenGrad-CAM", "cam", eigen_grad_cam, principal_component=True),
+    Method("gradcam-elementwise", "Grad-CAM element-wise", "cam", grad_cam_elementwise),
+    Method("fullgrad", "FullGrad", "fullgrad"),
+    Method("gradients", "Gradients", "pixel", attribute=gradients),
+    Method("input-x-gradient", "Input x gradient", "pixel", attribute=input_x_gradient),
+    Method("integrated-gradients", "Integrated Gradients", "pixel", attribute=integrated_gradients),
+    Method("smoothgrad", "SmoothGrad", "pixel", attribute=smooth_gradients, random=True),
+    Method("occlusion", "Occlusion", "pixel", attribute=occlusion),
+    Method("guided-backprop", "Guided backprop", "guided"),
+    Method("guided-gradcam", "Guided Grad-CAM", "guided", grad_cam),
+)}
+# Views of the registry by kind.
+METHODS = {n: m.weigh for n, m in REGISTRY.items() if m.default}  # the default CAMs
+CAM_METHODS = {n: m.weigh for n, m in REGISTRY.items() if m.kind == "cam"}  # every layer CAM
+ALWAYS_EIGEN = tuple(n for n, m in REGISTRY.items() if m.principal_component)
+ATTRIBUTION_METHODS = tuple(n for n, m in REGISTRY.items() if m.kind != "cam")  # FullGrad, pixel and guided methods
+ALL_METHODS = tuple(REGISTRY)
+LABELS = {n: m.label for n, m in REGISTRY.items()}
 
 
 def _squash(name: str) -> str:

@@ -15,7 +15,7 @@ EPS = 1e-7  # Keeps divisions by a norm or a sum finite.
 class LayerContext(NamedTuple):
     """What a CAM method may use; all arrays are for the whole batch.
 
-    The first six fields are what every method had before; the rest are filled by
+    The first six fields every method gets; the rest are filled by
     ``make_cam_fn`` for the methods that need extra forward passes.
     """
 
