@@ -19,12 +19,13 @@ import ml_collections
 
 from cifar_jax.dataset import DEFAULT_PATH
 from cifar_jax.errors import ConfigError, UserError  # noqa: F401  (ConfigError is part of this module's API)
+from cifar_jax.data import SOURCES
 from cifar_jax.models import MODELS, NORMS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_SOURCES = ("auto", "folder", "cifar10", "cifar100", "tfds")
+DATA_SOURCES = ("auto", *SOURCES)
 PAD_MODES = ("reflect", "constant", "edge", "symmetric")
 
 

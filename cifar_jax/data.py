@@ -28,42 +28,56 @@ from cifar_jax.runtime import default_cache_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 SPLITS = ("train", "test")
-SOURCES = ("auto", "folder", "cifar10", "cifar100", "tfds")
+
+
+def _folder_source(c) -> Dataset:
+    if not c.path:
+        raise DataError("data.path is empty: give an image-folder tree or a .tar.gz of one")
+    return load_folder(c.path, image_size=c.image_size, cache=c.cache)
+
+
+def _binary_source(release: str):
+    def load(c) -> Dataset:
+        return load_cifar(release, path="" if c.path == DEFAULT_PATH else c.path, label_mode=getattr(c, "label_mode", "fine"),
+                          download=getattr(c, "download", True), url=getattr(c, "url", ""), image_size=c.image_size)
+
+    return load
+
+
+def _tfds_source(c) -> Dataset:
+    return load_tfds(c.name, data_dir=c.path or None)
+
+
+# data.source -> loader(data config) -> Dataset. Adding a source: its loader and one line here ("auto" picks among
+# these in ``resolve_source``; config.RULES reads this registry).
+SOURCES = {
+    "folder": _folder_source,  # an image-folder tree (train/<class>/*, test/<class>/*) or a .tar(.gz) of one
+    "cifar10": _binary_source("cifar10"),  # the official binary release (the archive or a folder holding it)
+    "cifar100": _binary_source("cifar100"),
+    "tfds": _tfds_source,  # a prepared tensorflow-datasets copy (path = data_dir)
+}
+BINARY_ARCHIVES = {"cifar-10-binary.tar.gz": "cifar10", "cifar-100-binary.tar.gz": "cifar100"}
+
+
+def resolve_source(source: str, path: str) -> str:
+    """``source``, or for "auto": a binary release by its archive's name, an existing image folder, else cifar10."""
+    if source != "auto":
+        return source
+    return (BINARY_ARCHIVES.get(Path(path).name) if path else None) or ("folder" if path and Path(path).exists() else "cifar10")
 
 
 def load_dataset(data_config) -> Dataset:
-    """Loads the dataset a config's ``data`` block names.
+    """Loads the dataset a config's ``data`` block names: ``SOURCES[resolve_source(source, path)](data_config)``.
 
-    Fields used: ``source`` ("auto", "folder", "cifar10", "cifar100" or
-    "tfds"), ``path`` (folder tree or .tar.gz of one; for cifar10/cifar100 the
-    official archive or a directory holding it; for tfds the data_dir),
-    ``name`` (tfds name), ``label_mode`` (cifar100: "fine" or "coarse"),
-    ``download`` and ``url`` (binary releases), ``image_size``, ``cache``,
-    ``max_train`` / ``max_test`` (0 = all; a class-balanced prefix otherwise).
-    "auto" reads ``path`` as a binary release if it has an official archive's
-    name, as an image folder if it exists, else CIFAR-10's binary release
-    (downloaded once if needed).
+    Fields used: ``source`` ("auto" or a key of ``SOURCES``), ``path`` (folder tree or .tar.gz of one; for
+    cifar10/cifar100 the official archive or a directory holding it; for tfds the data_dir), ``name`` (tfds name),
+    ``label_mode`` (cifar100: "fine" or "coarse"), ``download`` and ``url`` (binary releases), ``image_size``,
+    ``cache``, ``max_train`` / ``max_test`` (0 = all; a class-balanced prefix otherwise).
     """
-    source, path = data_config.source, data_config.path
-    if source == "auto":  # An official binary archive by its name, an existing image folder, else CIFAR-10.
-        names = {"cifar-10-binary.tar.gz": "cifar10", "cifar-100-binary.tar.gz": "cifar100"}
-        source = names.get(Path(path).name) if path else None
-        source = source or ("folder" if path and Path(path).exists() else "cifar10")
-    if source == "folder":
-        if not path:
-            raise DataError("data.path is empty: give an image-folder tree or a .tar.gz of one")
-        ds = load_folder(path, image_size=data_config.image_size, cache=data_config.cache)
-    elif source in ("cifar10", "cifar100"):
-        ds = load_cifar(
-            source, path="" if path == DEFAULT_PATH else path, label_mode=getattr(data_config, "label_mode", "fine"),
-            download=getattr(data_config, "download", True), url=getattr(data_config, "url", ""),
-            image_size=data_config.image_size,
-        )
-    elif source == "tfds":
-        ds = load_tfds(data_config.name, data_dir=path or None)
-    else:
-        raise DataError(f"unknown data.source {source!r}; choose one of {', '.join(SOURCES)}")
-    return subsample(ds, data_config.max_train, data_config.max_test)
+    source = resolve_source(data_config.source, data_config.path)
+    if source not in SOURCES:
+        raise DataError(f"unknown data.source {source!r}; choose one of auto, {', '.join(SOURCES)}")
+    return subsample(SOURCES[source](data_config), data_config.max_train, data_config.max_test)
 
 
 # --------------------------------------------------------------------------- folder
