@@ -40,7 +40,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from cifar_jax import cam
-from cifar_jax.cam.ops import EPS
+from cifar_jax.cam.ops import EPS, chunked_map
 from cifar_jax.models import EvalLogits
 
 LogitsFn = Callable[[jax.Array], jax.Array]  # (B, H, W, C) normalised images -> (B, classes) logits
@@ -133,20 +133,6 @@ def pixel_ranks(saliency, key=None, descending: bool = True):
     return jnp.argsort(order, axis=-1).astype(jnp.int32).reshape(saliency.shape)
 
 
-def _map_in_chunks(f, xs, chunk: int):
-    """``jax.lax.map(f, xs)`` evaluating ``chunk`` elements per call (vmapped), so one call sees chunk x batch images.
-
-    The leading axis is padded to a multiple of ``chunk`` (repeating the last element) so a
-    single body is compiled, unlike lax.map's batch_size, which compiles a remainder too.
-    """
-    length = jax.tree.leaves(xs)[0].shape[0]
-    chunk = max(1, min(chunk, length))
-    pad = -length % chunk
-    padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]).reshape(-1, chunk, *x.shape[1:]), xs)
-    ys = jax.lax.map(jax.vmap(f), padded)
-    return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:])[:length], ys)
-
-
 def _counts(fractions, ranks) -> np.ndarray:
     """Numbers of pixels for fractions of the image (static, so shapes stay fixed)."""
     pixels = ranks.shape[1] * ranks.shape[2]
@@ -165,7 +151,7 @@ def _perturbation_curve(logits_fn, start, end, ranks, targets, *, steps, step_ba
 
     counts = jnp.asarray(_counts(np.arange(steps + 1) / steps, ranks))
     # step_batch steps per forward pass bounds memory to N * step_batch images.
-    return _map_in_chunks(one_step, counts, step_batch).T
+    return chunked_map(jax.vmap(one_step), counts, step_batch).T
 
 
 def deletion_curve(logits_fn: LogitsFn, images, saliency, targets, *, steps: int = 32, baseline=None, key=None, step_batch: int = 4):
@@ -263,7 +249,7 @@ def _road(logits_fn, images, saliency, targets, key, *, percentages, noise, iter
 
     counts = jnp.asarray(_counts(percentages, ranks))
     keys = jax.random.split(noise_key, len(percentages))
-    return _map_in_chunks(one_level, (counts, keys), step_batch).T
+    return chunked_map(jax.vmap(one_level), (counts, keys), step_batch).T
 
 
 def road_curve(
