@@ -10,6 +10,8 @@ on the loop. ``host_evaluator`` / ``device_evaluator`` return ``state -> {"loss"
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
@@ -91,9 +93,13 @@ class HostEvaluator:
     "predictions"}``."""
 
     def __init__(self, mesh, dataset, config, mean, std, *, flip: bool, translate: int):
-        self.mesh, self.dataset, self.mean, self.std = mesh, dataset, mean, std
-        self.batch = -(-config.eval_batch_size // jax.device_count()) * jax.device_count()
+        self.mesh, self.dataset, self.config, self.mean, self.std = mesh, dataset, config, mean, std
+        self.batch = train_lib.device_multiple(config.eval_batch_size)
         self.step = train_lib.make_eval_step(mesh, flip=flip, translate=translate)
+
+    def with_views(self, flip: bool, translate: int) -> "HostEvaluator":
+        """The same evaluation with other test-time views."""
+        return HostEvaluator(self.mesh, self.dataset, self.config, self.mean, self.std, flip=flip, translate=translate)
 
     def compile(self, state) -> None:
         """Compiles the evaluation step now (ahead of time)."""
@@ -111,10 +117,16 @@ class DeviceEvaluator:
     """Test-set evaluation in one dispatch, the test set uploaded once (the accelerator default)."""
 
     def __init__(self, mesh, dataset, config, mean, std, *, flip: bool, translate: int):
-        self.mean, self.std, self.labels = mean, std, dataset.test_labels
+        self.mesh, self.mean, self.std, self.labels = mesh, mean, std, dataset.test_labels
         self.xs, self.ys, self.masks = train_lib.put_eval_set(mesh, dataset.test_images, dataset.test_labels,
                                                               config.eval_batch_size)
         self.run = train_lib.make_device_evaluate(mesh, flip=flip, translate=translate)
+
+    def with_views(self, flip: bool, translate: int) -> "DeviceEvaluator":
+        """The same evaluation with other test-time views, sharing the uploaded test set."""
+        other = copy.copy(self)
+        other.run = train_lib.make_device_evaluate(self.mesh, flip=flip, translate=translate)
+        return other
 
     def compile(self, state) -> None:
         """Compiles the evaluation program now (ahead of time)."""
@@ -127,13 +139,11 @@ class DeviceEvaluator:
                 "predictions": predictions}
 
 
-def host_evaluator(mesh, dataset, config, mean, std, *, single_view: bool = False) -> HostEvaluator:
-    """The run's test-set evaluator on the host loop: its test-time views, or one view with ``single_view``."""
-    views = (False, 0) if single_view else (config.eval_flip, config.eval_translate)
-    return HostEvaluator(mesh, dataset, config, mean, std, flip=views[0], translate=views[1])
+def host_evaluator(mesh, dataset, config, mean, std) -> HostEvaluator:
+    """The run's test-set evaluator on the host loop, with its test-time views (``eval_flip``, ``eval_translate``)."""
+    return HostEvaluator(mesh, dataset, config, mean, std, flip=config.eval_flip, translate=config.eval_translate)
 
 
-def device_evaluator(mesh, dataset, config, mean, std, *, single_view: bool = False) -> DeviceEvaluator:
-    """The run's test-set evaluator on the device loop: its test-time views, or one view with ``single_view``."""
-    views = (False, 0) if single_view else (config.eval_flip, config.eval_translate)
-    return DeviceEvaluator(mesh, dataset, config, mean, std, flip=views[0], translate=views[1])
+def device_evaluator(mesh, dataset, config, mean, std) -> DeviceEvaluator:
+    """The run's test-set evaluator on the device loop, with its test-time views (``eval_flip``, ``eval_translate``)."""
+    return DeviceEvaluator(mesh, dataset, config, mean, std, flip=config.eval_flip, translate=config.eval_translate)

@@ -186,8 +186,8 @@ def train_and_evaluate(config, workdir) -> list[dict]:
         lock.release()
     if run.is_main:
         run.say(clock.summary())
-        write_json_atomic(workdir / "timings.json", {"seconds": clock.seconds, "total": clock.last - clock.started,
-                                                          "epochs_run": len(history)})
+        write_json_atomic(workdir / "timings.json",
+                          {"seconds": clock.seconds, "total": clock.last - clock.started, "epochs_run": len(history)})
     return history
 
 
@@ -197,8 +197,9 @@ def _train_locked(run: Run, manager, state, clock: PhaseClock) -> list[dict]:
     try:
         state, history, progress = restore_or_start(run, manager, state)
         clock.lap("setup")  # Model, state, uploads, workdir, summary.
-        compile_programs(run, state)
-        run.say(f"Compiled the train and evaluation programs in {clock.lap('compile'):.1f}s")
+        if progress.epoch < config.epochs:  # A finished run (rerun) trains nothing: nothing to compile.
+            compile_programs(run, state)
+            run.say(f"Compiled the train and evaluation programs in {clock.lap('compile'):.1f}s")
         with catch_signals() as stop, EpochLog(run) as log:
             for epoch in range(progress.epoch, config.epochs):
                 state, progress, train_time = run_epoch(run, state, progress, stop, manager, history)
@@ -266,12 +267,12 @@ def setup(config, workdir: Path, dataset):
         "num_train": n_train,
         "num_test": len(dataset.test_labels),
     }
+    evaluate = make_evaluator(mesh, dataset, config, mean, std)
     has_views = config.eval_flip or config.eval_translate > 0
     run = Run(
         config=config, workdir=workdir, dataset=dataset, mean=mean, std=std, mesh=mesh, steps_per_epoch=steps_per_epoch,
         feed=feed_cls(mesh, dataset, config.batch_size, k, aug, config.optim.label_smoothing),
-        evaluate=make_evaluator(mesh, dataset, config, mean, std),
-        evaluate_single_view=make_evaluator(mesh, dataset, config, mean, std, single_view=True) if has_views else None,
+        evaluate=evaluate, evaluate_single_view=evaluate.with_views(False, 0) if has_views else None,
         schedule=train_lib.make_schedule(config.optim, total_steps), meta=meta, is_main=jax.process_index() == 0,
     )
     run.say(f"Data: {getattr(dataset, 'description', config.data.path)}: {n_train} training and "

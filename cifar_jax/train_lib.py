@@ -237,6 +237,12 @@ def make_device_train_chunk(mesh, *, aug: dict, label_smoothing: float = 0.0, ba
     return jax.jit(chunk, in_shardings=(repl,) * 8, out_shardings=(repl, repl), donate_argnums=(0,))
 
 
+def device_multiple(rows: int) -> int:
+    """``rows`` rounded up to a multiple of the device count (a batch every device gets an equal share of)."""
+    devices = jax.device_count()
+    return -(-rows // devices) * devices
+
+
 def pad_batch(images: np.ndarray, labels: np.ndarray, rows: int):
     """Pads (M, ...) images and (M,) labels to ``rows`` >= M with copies of the first; returns (x, y, mask (rows,) bool)."""
     pad = rows - len(labels)
@@ -251,8 +257,7 @@ def put_eval_set(mesh, images: np.ndarray, labels: np.ndarray, batch_size: int):
     B is ``batch_size`` rounded up to a multiple of the device count; the last batch is
     padded with copies of the first image, which the mask excludes.
     """
-    devices = jax.device_count()
-    b = -(-batch_size // devices) * devices
+    b = device_multiple(batch_size)
     nb = -(-len(labels) // b)
     x, y, mask = pad_batch(images, labels, nb * b)
     x, y, mask = x.reshape(nb, b, *images.shape[1:]), y.reshape(nb, b), mask.reshape(nb, b)
@@ -309,8 +314,7 @@ def evaluate(eval_step, state, images, labels, mesh, batch_size: int, mean, std)
     Returns:
       {"loss": mean cross-entropy, "accuracy": float, "predictions": (M,) int}.
     """
-    devices = jax.device_count()
-    batch = -(-batch_size // devices) * devices
+    batch = device_multiple(batch_size)
     m = len(labels)
     predictions, loss_sum = [], 0.0
     for start in range(0, m, batch):
