@@ -203,7 +203,7 @@ def _run(args) -> int:
     root = Path(args.workdir)
     jobs = [{"variant": name, "seed": seed, "workdir": root / name / f"seed{seed}",
              "cmd": train_command(args.config, root / name / f"seed{seed}", seed, [*args.set, *overrides])}
-            for name, overrides in variants.items() for seed in args.seeds]
+            for seed in args.seeds for name, overrides in variants.items()]  # Seed-major: every variant gets a seed first.
     todo = [j for j in jobs if read_result(j["workdir"]) is None]
     prepare_data(args.config, {name: [*args.set, *overrides] for name, overrides in variants.items()})
     parallel = args.parallel if args.parallel > 0 else max(len(todo), 1)
