@@ -35,8 +35,9 @@ class SweepError(UserError):
     """A sweep that cannot start (one-line message, exit code 1)."""
 
 
-def load_variants(path: str | None, inline: list[str]) -> dict[str, list[str]]:
-    """``{name: overrides}`` from a variants file's ``get_variants()`` and ``NAME=a.b=1,c=2`` strings, in order."""
+def load_variants(path: str | None, inline: list[str], only: list[str] = ()) -> dict[str, list[str]]:
+    """``{name: overrides}`` from a variants file's ``get_variants()`` and ``NAME=a.b=1,c=2`` strings, in order;
+    with ``only``, just those names (each must exist)."""
     variants: dict[str, list[str]] = {}
     if path:
         if not Path(path).is_file():
@@ -59,6 +60,11 @@ def load_variants(path: str | None, inline: list[str]) -> dict[str, list[str]]:
     for name in variants:
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise SweepError(f"variant name {name!r} may hold only letters, digits, '-', '_' and '.'")
+    missing = [name for name in only if name not in variants]
+    if missing:
+        raise SweepError(f"--only {', '.join(missing)}: no such variant; the variants are {', '.join(variants)}")
+    if only:
+        variants = {name: variants[name] for name in only}
     if not variants:
         raise SweepError("no variants: give --variants FILE and/or --variant NAME=overrides")
     return variants
@@ -107,13 +113,16 @@ def prepare_data(config_path: str, variants: dict[str, list[str]]) -> None:
             load_dataset(data)
 
 
-def run_jobs(jobs: list[dict], parallel: int, memory_fraction: float, timeout: float) -> None:
-    """Starts up to ``parallel`` train processes at a time; fills each job's ``rc`` and ``wall_s``."""
+def run_jobs(jobs: list[dict], parallel: int, memory_fraction: float, deadline: float, grace: float = 15.0) -> None:
+    """Starts up to ``parallel`` train processes at a time; fills each job's ``rc`` and ``wall_s``.
+
+    At ``deadline`` (a ``time.time()``) unfinished runs get SIGTERM (they save and exit), and SIGKILL ``grace``
+    seconds later, so the table is still written within ``grace`` seconds of the deadline.
+    """
     env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{memory_fraction:.3f}", "PYTHONUNBUFFERED": "1"}
     pending, running = list(jobs), []
-    deadline = time.time() + timeout
-    while pending or running:
-        while pending and len(running) < parallel:
+    while (pending and time.time() < deadline) or running:
+        while pending and len(running) < parallel and time.time() < deadline:
             job = pending.pop(0)
             job["workdir"].mkdir(parents=True, exist_ok=True)
             log = open(job["workdir"].parent / f"{job['workdir'].name}.log", "w")
@@ -123,9 +132,12 @@ def run_jobs(jobs: list[dict], parallel: int, memory_fraction: float, timeout: f
         time.sleep(0.2)
         for job in list(running):
             rc = job["proc"].poll()
-            if rc is None and time.time() > deadline:
-                job["proc"].terminate()  # The trainer saves and exits 143; the run can be resumed later.
+            if rc is None and time.time() > deadline + grace:
+                job["proc"].kill()
                 rc = job["proc"].wait()
+            elif rc is None and time.time() > deadline and not job.get("stopped"):
+                job["proc"].terminate()  # The trainer saves and exits 143; the run can be resumed later.
+                job["stopped"] = True
             if rc is not None:
                 job["rc"], job["wall_s"] = rc, time.time() - job["start"]
                 job["log"].close()
@@ -181,13 +193,14 @@ def parse_args(argv):
     parser.add_argument("--variants", help="a file whose get_variants() returns {name: [override, ...]}")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=a.b=1,c=2",
                         help="one more variant (repeatable); NAME= alone runs the config as it is")
+    parser.add_argument("--only", nargs="+", default=[], metavar="NAME", help="run only these variants (in this order)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="an override for every variant (repeatable), e.g. --set data.path=/data/cifar10-jpg.tar.gz")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every variant (default: 0)")
     parser.add_argument("--parallel", type=int, default=0, help="processes at once (default 0: all)")
     parser.add_argument("--memory-fraction", type=float, default=0.0,
                         help="GPU memory fraction of each process (default: 0.9 / processes at once)")
-    parser.add_argument("--timeout", type=float, default=24 * 3600, help="seconds before unfinished runs are stopped")
+    parser.add_argument("--timeout", type=float, default=24 * 3600, help="seconds from the start after which unfinished runs are stopped (and killed 15 s later); the table is still written")
     return parser.parse_args(argv)
 
 
@@ -199,11 +212,12 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     if not Path(args.config).is_file():
         raise SweepError(f"config file {args.config!r} does not exist")
-    variants = load_variants(args.variants, args.variant)
+    variants = load_variants(args.variants, args.variant, args.only)
     root = Path(args.workdir)
     jobs = [{"variant": name, "seed": seed, "workdir": root / name / f"seed{seed}",
              "cmd": train_command(args.config, root / name / f"seed{seed}", seed, [*args.set, *overrides])}
             for seed in args.seeds for name, overrides in variants.items()]  # Seed-major: every variant gets a seed first.
+    deadline = time.time() + args.timeout  # Counted from the start: filling the data cache is part of it.
     todo = [j for j in jobs if read_result(j["workdir"]) is None]
     prepare_data(args.config, {name: [*args.set, *overrides] for name, overrides in variants.items()})
     parallel = args.parallel if args.parallel > 0 else max(len(todo), 1)
@@ -211,7 +225,7 @@ def _run(args) -> int:
     print(f"Sweep: {len(variants)} variant(s) x {len(args.seeds)} seed(s); {len(todo)} run(s) to train, "
           f"{parallel} at a time, memory fraction {fraction:.3f} each; logs in {root}/VARIANT/seedS.log", flush=True)
     t0 = time.time()
-    run_jobs(todo, parallel, fraction, args.timeout)
+    run_jobs(todo, parallel, fraction, deadline)
     for job in jobs:
         job["result"] = read_result(job["workdir"])
     rows = summarize(variants, jobs)

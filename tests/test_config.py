@@ -57,11 +57,11 @@ def test_experiment_configs_load_and_validate(name, cifar_archive):
     assert f"python -m cifar_jax.train --config experiments/{name}" in (ROOT / "experiments" / name).read_text()
 
 
-def test_original_recipe_config():
+def test_gpu_recipe_keeps_the_original_model_and_budget():
     c = load_config(ROOT / "experiments" / "resnet18.py")
     assert (c.model.name, c.model.width, c.epochs, c.batch_size) == ("resnet18", 64, 20, 512)
     assert c.optim.schedule == "onecycle" and c.optim.nesterov
-    assert c.augment.crop_padding == 4 and c.augment.flip and c.augment.cutout == 16
+    assert c.augment.crop_padding == 4 and c.augment.flip and c.augment.cutout == 8 and c.optim.label_smoothing == 0.1
 
 
 @pytest.mark.parametrize(

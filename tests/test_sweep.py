@@ -1,7 +1,12 @@
 """python -m cifar_jax.sweep at smoke size: variants x seeds side by side, one table, finished runs reused."""
 
 import json
+import sys
+import time
 
+import pytest
+
+from cifar_jax.sweep import SweepError, load_variants, run_jobs
 from tests.conftest import run_module
 
 SMALL = ["--set", "epochs=1", "--set", "data.max_train=256", "--set", "data.max_test=128"]
@@ -40,3 +45,20 @@ def test_sweep_refuses_a_bad_variants_file_in_one_line(tmp_path):
         err = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(err) == 1 and err[0].startswith("error: "), result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_only_picks_variants_in_order_and_names_a_missing_one(tmp_path):
+    variants = tmp_path / "v.py"
+    variants.write_text("def get_variants():\n    return {'a': ['x=1'], 'b': [], 'c': ['y=2']}\n")
+    assert load_variants(str(variants), [], ["c", "a"]) == {"c": ["y=2"], "a": ["x=1"]}
+    with pytest.raises(SweepError, match="--only d: no such variant; the variants are a, b, c"):
+        load_variants(str(variants), [], ["a", "d"])
+
+
+def test_runs_past_the_deadline_are_stopped_then_killed_and_later_ones_never_start(tmp_path):
+    ignores_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    jobs = [{"workdir": tmp_path / f"run{i}", "cmd": [sys.executable, "-c", ignores_term]} for i in range(3)]
+    start = time.time()
+    run_jobs(jobs, parallel=2, memory_fraction=0.5, deadline=start + 1.0, grace=1.0)
+    assert time.time() - start < 10  # Not the 60 s the runs would take: SIGTERM at 1 s, SIGKILL at 2 s.
+    assert [j["rc"] for j in jobs[:2]] == [-9, -9] and "proc" not in jobs[2]
