@@ -150,14 +150,14 @@ def explain_files(trained, args, method: str, target, out: Path) -> int:
 
 def evaluate(trained, args, out: Path) -> int:
     """Writes the faithfulness table (faithfulness.md, .json) of ``--eval-images`` test images."""
-    from cifar_jax import faithfulness, inference
+    from cifar_jax import faithfulness_table, inference
     from cifar_jax.data import subsample
 
     if args.eval_images <= 0:
         raise ExplainError(f"--eval-images must be positive, got {args.eval_images}")
     methods = [canonical_method(m) for m in args.methods] if args.methods else None
     ds = subsample(inference.load_run_data(trained, args.data), 0, args.eval_images)
-    text, record = faithfulness.trained_model_report(trained, ds.test_images, ds.test_labels, methods=methods,
+    text, record = faithfulness_table.trained_model_report(trained, ds.test_images, ds.test_labels, methods=methods,
                                                      seed=args.seed, layer=args.layer, progress=True)
     print(text)
     write_text_atomic(out / "faithfulness.md", text)

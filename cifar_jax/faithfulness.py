@@ -13,16 +13,15 @@ returns per-image arrays; a table is their mean over images.
   MoRF lower, LeRF higher = more faithful.
 * Average drop / increase in confidence (Chattopadhyay et al. 2018) for the
   image multiplied by its map. Drop lower, increase higher = better.
-* Cascading model-parameter randomisation (Adebayo et al. 2018): maps of a
-  faithful method change (low Spearman correlation) when the weights do.
 
 Two baselines, a uniform random map and a centred Gaussian, are usable
 wherever a CAM map is. Wrap a Flax model with ``model_logits_fn``::
 
     logits_fn = model_logits_fn(model, variables)
     curves = deletion_curve(logits_fn, images, cams.maps, cams.targets)
-    rows = evaluate_methods(model, variables, images, labels, key=jax.random.key(0))
-    print(format_table(rows))
+
+``cifar_jax.sanity`` holds the parameter-randomisation check (does the map depend on the
+weights?) and ``cifar_jax.faithfulness_table`` the table of every method and baseline.
 
 The metric functions are compiled with ``jax.jit``; ``logits_fn`` is passed
 as a ``jax.tree_util.Partial`` pytree, so pass the same callable each time to
@@ -39,27 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from cifar_jax import cam
 from cifar_jax.cam.ops import EPS, chunked_map
 from cifar_jax.models import EvalLogits
 
 LogitsFn = Callable[[jax.Array], jax.Array]  # (B, H, W, C) normalised images -> (B, classes) logits
 ROAD_PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-# Top-down order of the cascading randomisation; "stem" covers stem_conv and stem_bn.
-CASCADE = ("head", "layer4", "layer3", "layer2", "layer1", "stem")
-BASELINES = ("random", "gaussian")
-# Methods evaluated when none are named: Score-CAM needs K extra forward passes per image, so it is opt-in.
-DEFAULT_METHODS = tuple(m for m in cam.METHODS if m != "scorecam")
-# Which way is better, for the table header.
-DIRECTIONS = {
-    "deletion_auc": "↓",
-    "insertion_auc": "↑",
-    "road_morf": "↓",
-    "road_lerf": "↑",
-    "average_drop": "↓",
-    "increase_confidence": "↑",
-    "sanity_spearman": "↓",
-}
 
 
 # --------------------------------------------------------------------------- model, maps, ranks
@@ -349,254 +332,3 @@ def image_metrics(
         "average_drop": drop,
         "increase_confidence": increase,
     }
-
-
-# --------------------------------------------------------------------------- parameter randomisation sanity check
-
-
-@jax.jit
-def spearman(a, b):
-    """Spearman rank correlation (average ranks for ties) per map: (N, H, W), (N, H, W) -> (N,).
-
-    NaN where either map is constant (its ranks have no variance).
-    """
-    n = a.shape[0]
-    ra = jax.scipy.stats.rankdata(a.reshape(n, -1), axis=-1)
-    rb = jax.scipy.stats.rankdata(b.reshape(n, -1), axis=-1)
-    ra = ra - ra.mean(-1, keepdims=True)
-    rb = rb - rb.mean(-1, keepdims=True)
-    denom = jnp.sqrt((ra**2).sum(-1) * (rb**2).sum(-1))
-    return jnp.where(denom > 0, (ra * rb).sum(-1) / jnp.where(denom > 0, denom, 1.0), jnp.nan)
-
-
-def _in_groups(name: str, groups) -> bool:
-    return any(name == g or name.startswith(g + "_") for g in groups)
-
-
-def randomize_params(model, variables, groups: Sequence[str], key, image_shape=(32, 32, 3)) -> dict:
-    """Variables with the params and batch statistics of ``groups`` (names in CASCADE) re-initialised.
-
-    The new values come from ``model.init(key, ...)``, so they have the model's own
-    initialisers and shapes; the same key gives the same weights in every cascade step.
-    """
-    return _replace_groups(variables, fresh_variables(model, key, tuple(image_shape)), groups)
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_init(model, image_shape):
-    return jax.jit(lambda key: model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
-
-
-def fresh_variables(model, key, image_shape=(32, 32, 3)) -> dict:
-    """``model.init`` for one (1, *image_shape) input, compiled once per model and shape: key -> variables."""
-    return _compiled_init(model, tuple(image_shape))(key)
-
-
-def _replace_groups(variables, fresh, groups) -> dict:
-    """``variables`` with every top-level entry named by ``groups`` taken from ``fresh`` instead."""
-    return {
-        col: {name: fresh[col][name] if _in_groups(name, groups) else value for name, value in dict(tree).items()}
-        for col, tree in dict(variables).items()
-    }
-
-
-def _maps_in_batches(model, variables, images, targets, *, method, layer, batch_size):
-    """CAM maps (N, H, W) computed batch_size images at a time."""
-    parts = [
-        cam.saliency_maps(method, model, variables, images[i : i + batch_size], targets[i : i + batch_size], layer=layer)
-        for i in range(0, images.shape[0], batch_size)
-    ]
-    return jnp.concatenate(parts)
-
-
-def cascading_randomization(
-    model, variables, images, targets, key, *, method: str = "gradcam", layer: str = "layer4",
-    groups: Sequence[str] = CASCADE, batch_size: int = 256,
-) -> list[dict]:
-    """Adebayo et al. (2018) cascading randomisation: list of {"randomized", "spearman"} rows.
-
-    Args:
-      model, variables: a ResNet from ``cifar_jax.models`` and its (trained) variables.
-      images: (N, H, W, 3) normalised; targets: (N,) int classes, kept fixed throughout.
-      key: PRNG key of the re-initialised weights.
-      groups: top-down order; row i randomises groups[:i] (row 0, "none", is the reference).
-
-    ``spearman`` is the mean (over images with non-constant maps) rank correlation
-    between each randomised model's map and the trained model's map; a method that
-    really depends on the weights falls well below 1.
-    """
-    images = jnp.asarray(images, jnp.float32)
-    targets = jnp.asarray(targets, jnp.int32)
-    maps = functools.partial(_maps_in_batches, model, images=images, targets=targets, method=method, layer=layer, batch_size=batch_size)
-    reference = maps(variables)
-    fresh = fresh_variables(model, key, images.shape[1:])  # one init serves every step of the cascade
-    rows = [{"randomized": "none", "spearman": float(jnp.nanmean(spearman(reference, reference)))}]
-    for i in range(1, len(groups) + 1):
-        randomized = _replace_groups(variables, fresh, groups[:i])
-        rows.append({"randomized": "+".join(groups[:i]), "spearman": float(jnp.nanmean(spearman(reference, maps(randomized))))})
-    return rows
-
-
-def full_randomization_spearman(model, variables, images, targets, key, *, method="gradcam", layer="layer4", batch_size=256) -> float:
-    """Mean Spearman correlation between the maps (N images) of the model and of a fully re-initialised copy.
-
-    The last row of ``cascading_randomization`` without the intermediate steps.
-    """
-    images = jnp.asarray(images, jnp.float32)
-    targets = jnp.asarray(targets, jnp.int32)
-    maps = functools.partial(_maps_in_batches, model, images=images, targets=targets, method=method, layer=layer, batch_size=batch_size)
-    randomized = randomize_params(model, variables, CASCADE, key, images.shape[1:])
-    return float(jnp.nanmean(spearman(maps(variables), maps(randomized))))
-
-
-# --------------------------------------------------------------------------- tables
-
-
-@jax.jit
-def _predict(logits_fn, images):
-    """Predicted class per image: (N, H, W, C) -> (N,)."""
-    return jnp.argmax(logits_fn(images), axis=-1)
-
-
-def _saliency(name, model, variables, images, targets, key, layer):
-    """(N, H, W) map of a CAM method or a baseline for one batch."""
-    if name == "random":
-        return random_saliency(key, images.shape[:3])
-    if name == "gaussian":
-        return gaussian_saliency(images.shape[:3])
-    return cam.saliency_maps(name, model, variables, images, targets, layer=layer, key=key)
-
-
-def evaluate_methods(
-    model,
-    variables,
-    images,
-    targets=None,
-    *,
-    methods: Sequence[str] | None = None,
-    key=None,
-    layer: str = "layer4",
-    mean=None,
-    std=None,
-    batch_size: int = 100,
-    sanity_images: int = 100,
-    logits_fn: LogitsFn | None = None,
-    progress: bool = False,
-    **metric_kwargs,
-) -> list[dict]:
-    """One row per CAM method and per baseline ("random", "gaussian"), one column per metric.
-
-    Args:
-      model, variables: a ResNet and its variables.
-      images: (N, H, W, 3) normalised; targets: (N,) classes to explain, or None for the predictions.
-      methods: keys of ``cam.METHODS``; None means ``DEFAULT_METHODS`` (all but Score-CAM).
-      key: PRNG key (default ``jax.random.key(0)``) for the random map, ROAD noise, ties, randomisation.
-      mean, std: (C,) normalisation, for average drop in pixel space (else normalised space).
-      batch_size: images per compiled call.
-      sanity_images: images for the sanity check (0 skips it; column then NaN).
-      logits_fn: the predictor the metrics perturb (default ``model_logits_fn(model, variables)``;
-        ``inference.TrainedModel.logits_fn`` adds flip averaging where the run used it).
-      progress: show a tqdm bar over batches.
-      metric_kwargs: passed to ``image_metrics`` (steps, blur_sigma, percentages, noise, road_iters, step_batch).
-
-    Returns:
-      rows with "method", "images", the means of deletion_auc, insertion_auc, road_morf,
-      road_lerf, average_drop, increase_confidence, sanity_spearman (Spearman after
-      randomising every layer; 1.0 for the model-independent baselines) and the mean
-      ROAD curves "road_morf_curve", "road_lerf_curve" (lists over percentages).
-    """
-    from tqdm.auto import tqdm
-
-    methods = DEFAULT_METHODS if methods is None else tuple(methods)
-    key = jax.random.key(0) if key is None else key
-    k_random, k_metric, k_sanity = jax.random.split(key, 3)
-    logits_fn = model_logits_fn(model, variables) if logits_fn is None else logits_fn
-    images = jnp.asarray(images, jnp.float32)
-    n = images.shape[0]
-    if targets is None:
-        targets = jnp.concatenate([_predict(logits_fn, images[i : i + batch_size]) for i in range(0, n, batch_size)])
-    targets = jnp.asarray(targets, jnp.int32)
-    names = methods + BASELINES
-    per_image = {name: [] for name in names}
-    for start in tqdm(range(0, n, batch_size), desc="faithfulness", disable=not progress):
-        x, t = images[start : start + batch_size], targets[start : start + batch_size]
-        batch_key = jax.random.fold_in(k_metric, start)  # shared by all methods: common random numbers
-        for name in names:
-            sal = _saliency(name, model, variables, x, t, jax.random.fold_in(k_random, start), layer)
-            per_image[name].append(image_metrics(logits_fn, x, sal, t, batch_key, mean=mean, std=std, **metric_kwargs))
-    rows = []
-    for name in names:
-        metrics = {k: jnp.concatenate([batch[k] for batch in per_image[name]]) for k in per_image[name][0]}
-        row = {"method": name, "images": n}
-        for k, v in metrics.items():
-            row[k] = float(v.mean())
-        if name in BASELINES:  # Model-independent maps: identical after randomisation.
-            row["sanity_spearman"] = 1.0
-        elif sanity_images <= 0:
-            row["sanity_spearman"] = float("nan")
-        else:
-            m = min(sanity_images, n)
-            row["sanity_spearman"] = full_randomization_spearman(
-                model, variables, images[:m], targets[:m], k_sanity, method=name, layer=layer, batch_size=batch_size
-            )
-        row["road_morf_curve"] = [float(v) for v in metrics["road_morf"].mean(0)]
-        row["road_lerf_curve"] = [float(v) for v in metrics["road_lerf"].mean(0)]
-        rows.append(row)
-    return rows
-
-
-def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 3) -> str:
-    """Markdown table of ``evaluate_methods`` rows; default columns are the scalar ones, arrows say which way is better."""
-    if not rows:
-        return ""
-    if columns is None:
-        columns = [k for k, v in rows[0].items() if isinstance(v, (str, int, float))]
-    header = [f"{c} {DIRECTIONS[c]}" if c in DIRECTIONS else c for c in columns]
-    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def evaluate_trained(trained, images_uint8, labels, methods=None, seed: int = 0, layer: str = "layer4", *, use_predicted: bool = False, **kwargs) -> list[dict]:
-    """``evaluate_methods`` for an ``inference.TrainedModel`` on (N, H, W, 3) uint8 images and (N,) labels.
-
-    The metrics perturb THE predictor (``trained.logits_fn``, flip-averaged if the run used it).
-    Explains the true labels (or the predictions with ``use_predicted``); average drop is
-    taken in pixel space with the model's mean and std. ``kwargs`` go to ``evaluate_methods``.
-    """
-    from cifar_jax.augment import normalize
-
-    images = normalize(images_uint8, trained.mean, trained.std)
-    targets = None if use_predicted else jnp.asarray(labels, jnp.int32)
-    return evaluate_methods(
-        trained.model, trained.variables, images, targets, methods=methods, key=jax.random.key(seed),
-        layer=layer, mean=trained.mean, std=trained.std, logits_fn=trained.logits_fn, **kwargs,
-    )
-
-
-def trained_model_report(trained, images_uint8, labels, methods=None, seed: int = 0, layer: str = "layer4",
-                         progress: bool = False, sanity_images: int = 100) -> tuple[str, dict]:
-    """The faithfulness table of a trained model plus Grad-CAM's cascading randomisation.
-
-    Returns (markdown text, JSON-able record with the rows and the cascade).
-    """
-    from cifar_jax.augment import normalize
-
-    rows = evaluate_trained(trained, images_uint8, labels, methods=methods, seed=seed, layer=layer, progress=progress)
-    m = min(sanity_images, len(labels))
-    cascade = cascading_randomization(
-        trained.model, trained.variables, normalize(images_uint8[:m], trained.mean, trained.std),
-        labels[:m], jax.random.key(seed), method="gradcam", layer=layer,
-    )
-    cascade_table = "| layers randomised (top down) | Spearman vs trained |\n|---|---:|\n" + "\n".join(
-        f"| {r['randomized']} | {r['spearman']:.3f} |" for r in cascade
-    )
-    text = (
-        f"Faithfulness on {len(labels)} test images (class-balanced, true labels explained), "
-        f"layer {layer}, seed {seed}. Arrows: which way is better.\n\n"
-        + format_table(rows)
-        + f"\n\nGrad-CAM cascading randomisation sanity check on {m} images:\n\n" + cascade_table + "\n"
-    )
-    record = {"num_images": len(labels), "layer": layer, "seed": seed, "rows": rows, "cascade": cascade}
-    return text, record

@@ -9,6 +9,8 @@ import scipy.sparse.linalg
 import scipy.stats
 
 from cifar_jax import faithfulness as F
+from cifar_jax import faithfulness_table as T
+from cifar_jax import sanity as S
 from cifar_jax.models import ResNet
 
 N, SIDE = 8, 16
@@ -171,8 +173,8 @@ def test_spearman_matches_scipy_with_ties():
     a = rng.integers(0, 4, (3, 5, 5)).astype(np.float32)  # many ties
     b = a + rng.normal(size=a.shape).astype(np.float32)
     expected = [scipy.stats.spearmanr(a[i].ravel(), b[i].ravel()).statistic for i in range(3)]
-    np.testing.assert_allclose(F.spearman(a, b), expected, atol=1e-5)
-    assert np.isnan(F.spearman(np.ones((1, 4, 4)), b[:1, :4, :4])[0])
+    np.testing.assert_allclose(S.spearman(a, b), expected, atol=1e-5)
+    assert np.isnan(S.spearman(np.ones((1, 4, 4)), b[:1, :4, :4])[0])
 
 
 # --------------------------------------------------------------------------- tiny ResNet
@@ -182,7 +184,7 @@ def test_spearman_matches_scipy_with_ties():
 def tiny_resnet():
     """A width-4 ResNet with one block per stage (same stage names as ResNet18), at random init."""
     model = ResNet(stage_sizes=(1, 1, 1, 1), width=4, num_classes=10)
-    variables = F.fresh_variables(model, key(0))
+    variables = S.fresh_variables(model, key(0))
     images = jax.random.normal(key(1), (8, 32, 32, 3))
     return model, variables, images, jnp.arange(8) % 10
 
@@ -190,8 +192,8 @@ def tiny_resnet():
 def test_randomize_params_replaces_only_the_named_groups(tiny_resnet):
     model, variables, _, _ = tiny_resnet
     trained = jax.tree.map(lambda x: x + 0.5, variables)  # stands in for trained weights (BN init is deterministic)
-    new = F.randomize_params(model, trained, ("head", "stem"), key(7))
-    fresh = F.fresh_variables(model, key(7))
+    new = S.randomize_params(model, trained, ("head", "stem"), key(7))
+    fresh = S.fresh_variables(model, key(7))
     same = lambda a, b: all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(x, y), a, b)))
     for col, name in (("params", "head"), ("params", "stem_conv"), ("params", "stem_bn"), ("batch_stats", "stem_bn")):
         assert same(new[col][name], fresh[col][name]) and not same(new[col][name], trained[col][name]), (col, name)
@@ -202,7 +204,7 @@ def test_randomize_params_replaces_only_the_named_groups(tiny_resnet):
 
 def test_cascading_randomization_destroys_rank_correlation(tiny_resnet):
     model, variables, images, targets = tiny_resnet
-    rows = F.cascading_randomization(model, variables, images, targets, key(5))
+    rows = S.cascading_randomization(model, variables, images, targets, key(5))
     assert [r["randomized"] for r in rows][:3] == ["none", "head", "head+layer4"] and len(rows) == 7
     assert rows[0]["spearman"] == pytest.approx(1.0)
     assert rows[-1]["spearman"] < 0.5, rows
@@ -210,7 +212,7 @@ def test_cascading_randomization_destroys_rank_correlation(tiny_resnet):
 
 def test_evaluate_methods_table(tiny_resnet):
     model, variables, images, _ = tiny_resnet
-    rows = F.evaluate_methods(  # same image batch as above, so the compiled Grad-CAM is reused
+    rows = T.evaluate_methods(  # same image batch as above, so the compiled Grad-CAM is reused
         model, variables, images, None, methods=("gradcam",), key=key(0),
         steps=4, percentages=(0.3, 0.6), road_iters=20, batch_size=8, sanity_images=8, step_batch=5,
     )
@@ -220,5 +222,5 @@ def test_evaluate_methods_table(tiny_resnet):
             assert np.isfinite(row[column]), (row["method"], column)
         assert len(row["road_morf_curve"]) == 2
     assert rows[1]["sanity_spearman"] == 1.0 and rows[0]["sanity_spearman"] < 1.0
-    table = F.format_table(rows).splitlines()
+    table = T.format_table(rows).splitlines()
     assert len(table) == 5 and "deletion_auc ↓" in table[0] and table[2].startswith("| gradcam | 8 |")

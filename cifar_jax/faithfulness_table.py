@@ -1,0 +1,184 @@
+"""The faithfulness table: every CAM method and two baselines scored on the same images by every metric.
+
+``evaluate_methods`` gives one row per method (means of ``faithfulness.image_metrics`` plus the
+``sanity`` check's full-randomisation Spearman); ``format_table`` prints the rows as markdown;
+``trained_model_report`` is what ``python -m cifar_jax.explain --evaluate`` writes::
+
+    rows = evaluate_methods(model, variables, images, labels, key=jax.random.key(0))
+    print(format_table(rows))
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from cifar_jax import cam
+from cifar_jax.faithfulness import LogitsFn, gaussian_saliency, image_metrics, model_logits_fn, random_saliency
+from cifar_jax.sanity import cascading_randomization, full_randomization_spearman
+
+BASELINES = ("random", "gaussian")
+# Methods evaluated when none are named: Score-CAM needs K extra forward passes per image, so it is opt-in.
+DEFAULT_METHODS = tuple(m for m in cam.METHODS if m != "scorecam")
+# Which way is better, for the table header.
+DIRECTIONS = {
+    "deletion_auc": "↓",
+    "insertion_auc": "↑",
+    "road_morf": "↓",
+    "road_lerf": "↑",
+    "average_drop": "↓",
+    "increase_confidence": "↑",
+    "sanity_spearman": "↓",
+}
+
+
+@jax.jit
+def _predict(logits_fn, images):
+    """Predicted class per image: (N, H, W, C) -> (N,)."""
+    return jnp.argmax(logits_fn(images), axis=-1)
+
+
+def _saliency(name, model, variables, images, targets, key, layer):
+    """(N, H, W) map of a CAM method or a baseline for one batch."""
+    if name == "random":
+        return random_saliency(key, images.shape[:3])
+    if name == "gaussian":
+        return gaussian_saliency(images.shape[:3])
+    return cam.saliency_maps(name, model, variables, images, targets, layer=layer, key=key)
+
+
+def evaluate_methods(
+    model,
+    variables,
+    images,
+    targets=None,
+    *,
+    methods: Sequence[str] | None = None,
+    key=None,
+    layer: str = "layer4",
+    mean=None,
+    std=None,
+    batch_size: int = 100,
+    sanity_images: int = 100,
+    logits_fn: LogitsFn | None = None,
+    progress: bool = False,
+    **metric_kwargs,
+) -> list[dict]:
+    """One row per CAM method and per baseline ("random", "gaussian"), one column per metric.
+
+    Args:
+      model, variables: a ResNet and its variables.
+      images: (N, H, W, 3) normalised; targets: (N,) classes to explain, or None for the predictions.
+      methods: keys of ``cam.METHODS``; None means ``DEFAULT_METHODS`` (all but Score-CAM).
+      key: PRNG key (default ``jax.random.key(0)``) for the random map, ROAD noise, ties, randomisation.
+      mean, std: (C,) normalisation, for average drop in pixel space (else normalised space).
+      batch_size: images per compiled call.
+      sanity_images: images for the sanity check (0 skips it; column then NaN).
+      logits_fn: the predictor the metrics perturb (default ``model_logits_fn(model, variables)``;
+        ``inference.TrainedModel.logits_fn`` adds flip averaging where the run used it).
+      progress: show a tqdm bar over batches.
+      metric_kwargs: passed to ``image_metrics`` (steps, blur_sigma, percentages, noise, road_iters, step_batch).
+
+    Returns:
+      rows with "method", "images", the means of deletion_auc, insertion_auc, road_morf,
+      road_lerf, average_drop, increase_confidence, sanity_spearman (Spearman after
+      randomising every layer; 1.0 for the model-independent baselines) and the mean
+      ROAD curves "road_morf_curve", "road_lerf_curve" (lists over percentages).
+    """
+    from tqdm.auto import tqdm
+
+    methods = DEFAULT_METHODS if methods is None else tuple(methods)
+    key = jax.random.key(0) if key is None else key
+    k_random, k_metric, k_sanity = jax.random.split(key, 3)
+    logits_fn = model_logits_fn(model, variables) if logits_fn is None else logits_fn
+    images = jnp.asarray(images, jnp.float32)
+    n = images.shape[0]
+    if targets is None:
+        targets = jnp.concatenate([_predict(logits_fn, images[i : i + batch_size]) for i in range(0, n, batch_size)])
+    targets = jnp.asarray(targets, jnp.int32)
+    names = methods + BASELINES
+    per_image = {name: [] for name in names}
+    for start in tqdm(range(0, n, batch_size), desc="faithfulness", disable=not progress):
+        x, t = images[start : start + batch_size], targets[start : start + batch_size]
+        batch_key = jax.random.fold_in(k_metric, start)  # shared by all methods: common random numbers
+        for name in names:
+            sal = _saliency(name, model, variables, x, t, jax.random.fold_in(k_random, start), layer)
+            per_image[name].append(image_metrics(logits_fn, x, sal, t, batch_key, mean=mean, std=std, **metric_kwargs))
+    rows = []
+    for name in names:
+        metrics = {k: jnp.concatenate([batch[k] for batch in per_image[name]]) for k in per_image[name][0]}
+        row = {"method": name, "images": n}
+        for k, v in metrics.items():
+            row[k] = float(v.mean())
+        if name in BASELINES:  # Model-independent maps: identical after randomisation.
+            row["sanity_spearman"] = 1.0
+        elif sanity_images <= 0:
+            row["sanity_spearman"] = float("nan")
+        else:
+            m = min(sanity_images, n)
+            row["sanity_spearman"] = full_randomization_spearman(
+                model, variables, images[:m], targets[:m], k_sanity, method=name, layer=layer, batch_size=batch_size
+            )
+        row["road_morf_curve"] = [float(v) for v in metrics["road_morf"].mean(0)]
+        row["road_lerf_curve"] = [float(v) for v in metrics["road_lerf"].mean(0)]
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 3) -> str:
+    """Markdown table of ``evaluate_methods`` rows; default columns are the scalar ones, arrows say which way is better."""
+    if not rows:
+        return ""
+    if columns is None:
+        columns = [k for k, v in rows[0].items() if isinstance(v, (str, int, float))]
+    header = [f"{c} {DIRECTIONS[c]}" if c in DIRECTIONS else c for c in columns]
+    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def evaluate_trained(trained, images_uint8, labels, methods=None, seed: int = 0, layer: str = "layer4", *, use_predicted: bool = False, **kwargs) -> list[dict]:
+    """``evaluate_methods`` for an ``inference.TrainedModel`` on (N, H, W, 3) uint8 images and (N,) labels.
+
+    The metrics perturb THE predictor (``trained.logits_fn``, flip-averaged if the run used it).
+    Explains the true labels (or the predictions with ``use_predicted``); average drop is
+    taken in pixel space with the model's mean and std. ``kwargs`` go to ``evaluate_methods``.
+    """
+    from cifar_jax.augment import normalize
+
+    images = normalize(images_uint8, trained.mean, trained.std)
+    targets = None if use_predicted else jnp.asarray(labels, jnp.int32)
+    return evaluate_methods(
+        trained.model, trained.variables, images, targets, methods=methods, key=jax.random.key(seed),
+        layer=layer, mean=trained.mean, std=trained.std, logits_fn=trained.logits_fn, **kwargs,
+    )
+
+
+def trained_model_report(trained, images_uint8, labels, methods=None, seed: int = 0, layer: str = "layer4",
+                         progress: bool = False, sanity_images: int = 100) -> tuple[str, dict]:
+    """The faithfulness table of a trained model plus Grad-CAM's cascading randomisation.
+
+    Returns (markdown text, JSON-able record with the rows and the cascade).
+    """
+    from cifar_jax.augment import normalize
+
+    rows = evaluate_trained(trained, images_uint8, labels, methods=methods, seed=seed, layer=layer, progress=progress)
+    m = min(sanity_images, len(labels))
+    cascade = cascading_randomization(
+        trained.model, trained.variables, normalize(images_uint8[:m], trained.mean, trained.std),
+        labels[:m], jax.random.key(seed), method="gradcam", layer=layer,
+    )
+    cascade_table = "| layers randomised (top down) | Spearman vs trained |\n|---|---:|\n" + "\n".join(
+        f"| {r['randomized']} | {r['spearman']:.3f} |" for r in cascade
+    )
+    text = (
+        f"Faithfulness on {len(labels)} test images (class-balanced, true labels explained), "
+        f"layer {layer}, seed {seed}. Arrows: which way is better.\n\n"
+        + format_table(rows)
+        + f"\n\nGrad-CAM cascading randomisation sanity check on {m} images:\n\n" + cascade_table + "\n"
+    )
+    record = {"num_images": len(labels), "layer": layer, "seed": seed, "rows": rows, "cascade": cascade}
+    return text, record
