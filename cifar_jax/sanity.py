@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cifar_jax import cam
-
-# Top-down order of the cascading randomisation; "stem" covers stem_conv and stem_bn.
-CASCADE = ("head", "layer4", "layer3", "layer2", "layer1", "stem")
+from cifar_jax.models import PARAM_GROUPS
 
 
 @jax.jit
@@ -40,7 +38,7 @@ def _in_groups(name: str, groups) -> bool:
 
 
 def randomize_params(model, variables, groups: Sequence[str], key, image_shape=(32, 32, 3)) -> dict:
-    """Variables with the params and batch statistics of ``groups`` (names in CASCADE) re-initialised.
+    """Variables with the params and batch statistics of ``groups`` (names in PARAM_GROUPS) re-initialised.
 
     The new values come from ``model.init(key, ...)``, so they have the model's own
     initialisers and shapes; the same key gives the same weights in every cascade step.
@@ -77,7 +75,7 @@ def _maps_in_batches(model, variables, images, targets, *, method, layer, batch_
 
 def cascading_randomization(
     model, variables, images, targets, key, *, method: str = "gradcam", layer: str = "layer4",
-    groups: Sequence[str] = CASCADE, batch_size: int = 256,
+    groups: Sequence[str] = PARAM_GROUPS, batch_size: int = 256,
 ) -> list[dict]:
     """Adebayo et al. (2018) cascading randomisation: list of {"randomized", "spearman"} rows.
 
@@ -111,5 +109,5 @@ def full_randomization_spearman(model, variables, images, targets, key, *, metho
     images = jnp.asarray(images, jnp.float32)
     targets = jnp.asarray(targets, jnp.int32)
     maps = functools.partial(_maps_in_batches, model, images=images, targets=targets, method=method, layer=layer, batch_size=batch_size)
-    randomized = randomize_params(model, variables, CASCADE, key, images.shape[1:])
+    randomized = randomize_params(model, variables, PARAM_GROUPS, key, images.shape[1:])
     return float(jnp.nanmean(spearman(maps(variables), maps(randomized))))

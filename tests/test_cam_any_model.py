@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cifar_jax import cam
-from cifar_jax.models import get_model
+from cifar_jax.models import CAM_LAYERS, get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def gradcam_from(acts, grads):
 # --------------------------------------------------------------------------- our ResNet: interception == stage split
 
 
-@pytest.mark.parametrize("layer", cam.CAM_LAYERS)
+@pytest.mark.parametrize("layer", CAM_LAYERS)
 def test_interception_matches_the_stage_split(resnet, layer):
     model, variables, images = resnet
     targets = jnp.array([3, 7])

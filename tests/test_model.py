@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_jax.models import STAGES, get_model
+from cifar_jax.models import CAM_LAYERS, PARAM_GROUPS, STAGES, get_model
 from cifar_jax.models.resnet import PAD_3x3
 
 
@@ -203,3 +203,12 @@ def test_closed_form_batchnorm_in_a_resnet_train_step():
     for (path, a), b in zip(flat_a, flat_c):
         scale = float(jnp.abs(a).max())
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * max(scale, 1e-3), err_msg=jax.tree_util.keystr(path))
+
+
+def test_cam_layers_and_param_groups_name_the_resnets_own_modules():
+    """The split points CAMs use and the randomisation's groups are read off STAGES, so they match the module tree."""
+    model = get_model("resnet18", width=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    tops = {name.split("_")[0] for name in params}  # stem_conv, stem_bn -> stem
+    assert set(PARAM_GROUPS) == tops and PARAM_GROUPS[0] == "head" and PARAM_GROUPS[-1] == "stem"
+    assert CAM_LAYERS == ("layer1", "layer2", "layer3", "layer4") and set(CAM_LAYERS) < tops

@@ -20,7 +20,7 @@ needs no change. Modules:
 from cifar_jax.cam.attribution import (
     full_grad, gradients, input_x_gradient, integrated_gradients, occlusion, smooth_grad, smooth_gradients,
 )
-from cifar_jax.cam.base import CAM_LAYERS, activations_and_grads, compute_cams, layer_gradients, make_cam_fn, split_model
+from cifar_jax.cam.base import activations_and_grads, compute_cams, layer_gradients, make_cam_fn, split_model
 from cifar_jax.cam.dispatch import pixel_map, saliency_maps
 from cifar_jax.cam.guided import deprocess_gradients, guided_backprop, guided_grad_cam, guided_relu
 from cifar_jax.cam.intercept import format_layers, list_layers, module_path, run_with_layer
@@ -35,7 +35,7 @@ from cifar_jax.cam.ops import (
 )
 
 __all__ = [
-    "ALL_METHODS", "ALWAYS_EIGEN", "ATTRIBUTION_METHODS", "CAM_LAYERS", "CAM_METHODS", "CAMs", "EPS", "LABELS",
+    "ALL_METHODS", "ALWAYS_EIGEN", "ATTRIBUTION_METHODS", "CAM_METHODS", "CAMs", "EPS", "LABELS",
     "LayerContext", "METHODS", "Method", "REGISTRY",
     "ablation_cam", "activations_and_grads", "canonical_method", "chunked_map", "classifier_output", "compute_cams",
     "deprocess_gradients", "eigen_cam", "eigen_grad_cam", "first_principal_component", "format_layers", "full_grad",

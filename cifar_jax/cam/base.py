@@ -28,7 +28,6 @@ from cifar_jax.cam.ops import (
     upsample_and_scale,
 )
 
-CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")  # our ResNet's stages; any module path works too
 
 
 # --------------------------------------------------------------------------- gradients at a layer

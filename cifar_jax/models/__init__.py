@@ -13,7 +13,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from cifar_jax.models.resnet import NORMS, STAGES, BasicBlock, Bottleneck, ResNet, ResNet10, ResNet18, ResNet34, ResNet50
+from cifar_jax.models.resnet import CAM_LAYERS, NORMS, PARAM_GROUPS, STAGES, BasicBlock, Bottleneck, ResNet, ResNet10, ResNet18, ResNet34, ResNet50
 
 MODELS = {"resnet10": ResNet10, "resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -91,6 +91,6 @@ class EvalLogits:
 
 
 __all__ = [
-    "DTYPES", "MODELS", "NORMS", "STAGES", "BasicBlock", "Bottleneck", "ResNet", "ResNet10", "ResNet18", "ResNet34",
+    "CAM_LAYERS", "DTYPES", "MODELS", "NORMS", "PARAM_GROUPS", "STAGES", "BasicBlock", "Bottleneck", "ResNet", "ResNet10", "ResNet18", "ResNet34",
     "ResNet50", "EvalLogits", "build_model", "eval_logits", "get_model",
 ]

@@ -30,6 +30,11 @@ NORMS = {"autodiff": nn.BatchNorm, "closed_form": BatchNorm}
 # Split points, in order. "stem" is the output of conv-bn-relu at the input,
 # "layerK" the output of stage K, "pool" the globally pooled feature vector.
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
+# The stage outputs a CAM explains, input to output (any module path works too: cifar_jax.cam.list_layers).
+CAM_LAYERS = STAGES[1:5]
+# Top-level parameter groups, output to input: the cascading randomisation's order ("stem" covers stem_conv
+# and stem_bn, "layerK" every block of stage K, "head" the dense layer).
+PARAM_GROUPS = ("head", *reversed(STAGES[:5]))
 
 # PyTorch pads a stride-2 3x3 conv by one pixel on every side; XLA's "SAME"
 # would pad (0, 1) instead and give a different function for the same weights.
