@@ -266,6 +266,8 @@ def setup(config, workdir: Path, dataset):
         "std": std.tolist(),
         "num_train": n_train,
         "num_test": len(dataset.test_labels),
+        # The kernels the test set is evaluated with: the trained-model predictor (reports) uses the same ones.
+        "conv": "onednn" if model.conv_general_dilated is not None else "xla",
     }
     evaluate = make_evaluator(mesh, dataset, config, mean, std)
     has_views = config.eval_flip or config.eval_translate > 0

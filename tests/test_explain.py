@@ -110,6 +110,11 @@ def test_workdir_without_checkpoints(tmp_path, capsys):
     assert rc == 1 and "has no checkpoints" in err and err.strip().count("\n") == 0
 
 
+def test_missing_workdir_says_it_does_not_exist(tmp_path, capsys):
+    rc, _, err = run(capsys, "--workdir", tmp_path / "typo")
+    assert rc == 1 and "does not exist" in err and "checkpoints" not in err and err.strip().count("\n") == 0
+
+
 def test_evaluate_writes_a_faithfulness_table(smoke_workdir, tmp_path, capsys):
     rc, out, err = run(capsys, "--workdir", smoke_workdir, "--out", tmp_path, "--evaluate", "--eval-images", 8,
                        "--methods", "gradcam", "layercam")
