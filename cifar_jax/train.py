@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from cifar_jax import checkpoints as ckpt
 from cifar_jax import feeds, reporting, runtime, train_lib
 from cifar_jax import workdir as workdir_lib
-from cifar_jax.config import apply_overrides, describe_fields, load_config, validate
+from cifar_jax.config import DTYPES, apply_overrides, describe_fields, load_config, resolve_dtype, validate
 from cifar_jax.data import Dataset, load_dataset
 from cifar_jax.errors import UserError
 from cifar_jax.files import write_json_atomic
@@ -87,6 +87,7 @@ def _run(args, overrides) -> int:
     if workdir.exists() and not workdir.is_dir():
         raise TrainError(f"--workdir {str(workdir)!r} is a file, not a directory")
     runtime.initialize_devices(config)  # Must precede anything that starts a JAX backend.
+    resolve_auto_dtype(config, workdir, overrides)
     validate(config, jax.device_count())
     if config.model.conv != "xla":  # model.conv=onednn that cannot run here fails now, before the workdir exists.
         from cifar_jax import onednn
@@ -95,6 +96,31 @@ def _run(args, overrides) -> int:
     runtime.enable_compilation_cache()
     train_and_evaluate(config, workdir)
     return 0
+
+
+def resolve_auto_dtype(config, workdir: Path, overrides=()) -> None:
+    """Resolves ``model.dtype="auto"`` in place and prints the one line that says to what and why.
+
+    A workdir whose config.json holds a resolved dtype keeps it (a resumed run computes as it started, on any
+    CPU); otherwise ``onednn.fast_dtype`` decides. Fields given as ``overrides`` win over ``auto_float32``.
+    """
+    if config.model.dtype != "auto":
+        return
+    from cifar_jax import onednn
+
+    saved = None
+    if not config.fresh:
+        try:
+            saved = json.loads((workdir / "config.json").read_text())["model"]["dtype"]
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = None
+    if saved in DTYPES:
+        dtype, why = saved, f"as this workdir's run resolved it, in {workdir / 'config.json'}"
+    else:
+        dtype, why = onednn.fast_dtype(config.model.conv)
+    line = resolve_dtype(config, dtype, why, keep={o.split("=", 1)[0] for o in overrides})
+    if jax.process_index() == 0:
+        print(line, flush=True)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -174,6 +200,7 @@ def train_and_evaluate(config, workdir) -> list[dict]:
     Prints one line of per-phase seconds at the end and writes them to ``workdir/timings.json``.
     """
     workdir = Path(workdir)
+    resolve_auto_dtype(config, workdir)  # Already done by the CLI; here for callers that pass a config file's "auto".
     clock = PhaseClock(STARTED)
     clock.lap("startup")  # Python, imports, config, devices.
     dataset = load_dataset(config.data)

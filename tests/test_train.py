@@ -220,3 +220,22 @@ def test_eval_translate_averages_airbench_views(flip):
     np.testing.assert_allclose(eval_logits(apply_fn, 2.0, images, flip, translate=1), expected, rtol=1e-6)
     np.testing.assert_allclose(eval_logits(apply_fn, 2.0, images, flip), views(x), rtol=1e-6)
     assert not np.allclose(expected, views(x))
+
+
+def test_auto_dtype_is_resolved_once_and_kept_by_a_resumed_run(cifar_archive, tmp_path, monkeypatch, capsys):
+    from cifar_jax import onednn, train
+    from cifar_jax.config import DTYPES
+
+    workdir = tmp_path / "auto"
+    args = ["--config", "experiments/smoke.py", "--workdir", str(workdir), f"--config.data.path={cifar_archive}",
+            "--config.model.dtype=auto", "--config.epochs=1", "--config.log.progress_bar=false", "--config.log.report=false"]
+    assert train.main(args) == 0
+    resolved = json.loads((workdir / "config.json").read_text())["model"]["dtype"]
+    assert resolved in DTYPES
+    assert f"model.dtype=auto -> {resolved} (" in capsys.readouterr().out
+    other = "float32" if resolved == "bfloat16" else "bfloat16"
+    monkeypatch.setattr(onednn, "fast_dtype", lambda conv="auto": (other, "a different CPU"))
+    assert train.main(args) == 0  # the same workdir on "another CPU": resumes with the dtype it started with
+    out = capsys.readouterr().out
+    assert f"model.dtype=auto -> {resolved} (as this workdir's run resolved it" in out
+    assert json.loads((workdir / "config.json").read_text())["model"]["dtype"] == resolved
