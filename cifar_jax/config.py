@@ -34,7 +34,7 @@ def load_config(path: str | Path) -> ml_collections.ConfigDict:
     """Imports a config file and returns its ``get_config()``, unlocked for overrides."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} does not exist{_configs_beside(path)}")
     spec = importlib.util.spec_from_file_location(f"_cifar_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -50,6 +50,19 @@ def load_config(path: str | Path) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {str(path)!r} must return an ml_collections.ConfigDict")
     return config
+
+
+def _configs_beside(path: Path) -> str:
+    """What to say after "config file PATH does not exist": a close name and the configs in its folder ("" if none)."""
+    try:
+        names = sorted(p.name for p in path.parent.glob("*.py") if not p.name.startswith("_"))
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    guess = f"; did you mean {str(path.parent / close[0])!r}?" if close else ""
+    return f"{guess} (configs in {str(path.parent)!r}: {', '.join(names)})"
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:

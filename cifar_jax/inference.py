@@ -180,7 +180,7 @@ def predict(trained: TrainedModel, images, labels, batch_size: int = 1000, progr
     from tqdm.auto import tqdm
 
     starts = range(0, len(images), batch_size)
-    logits = [np.asarray(trained.logits(images[s : s + batch_size])) for s in tqdm(starts, desc="predict", disable=not progress, leave=False)]
+    logits = [np.asarray(trained.logits(images[s : s + batch_size])) for s in tqdm(starts, desc="predict", disable=None if progress else True, leave=False)]
     return Predictions(np.concatenate(logits), np.asarray(labels))
 
 

@@ -92,6 +92,8 @@ def test_gpu_recipe_keeps_the_original_model_and_budget():
     "args,message",
     [
         (["--config", "experiments/nope.py"], "config file 'experiments/nope.py' does not exist"),
+        (["--config", "experiments/resnet18-cpu.py"], "did you mean 'experiments/resnet18_cpu.py'? (configs in "
+                                                      "'experiments': resnet18.py, resnet18_cifar100.py, resnet18_cpu.py, smoke.py)"),
         (["--config", "experiments/smoke.py", "--config.epochz=1"], "unknown config field 'epochz'"),
         (["--config", "experiments/smoke.py", "--config.epochs=0"], "epochs must be an integer >= 1"),
         (["--config", "experiments/smoke.py", "--config.data.path=/nowhere.tar.gz"], "does not exist"),

@@ -148,3 +148,11 @@ def test_methods_beyond_the_original_family(smoke_workdir, tmp_path, capsys, met
     assert rc == 0, err
     maps = np.load(tmp_path / "maps.npz")["maps"]
     assert maps.shape == (2, 32, 32) and maps.min() >= 0 and maps.max() <= 1 and maps.std() > 0
+
+
+def test_help_is_plain_text_with_durations(capsys):
+    with pytest.raises(SystemExit) as done:
+        explain.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert done.value.code == 0 and "``" not in out and "python -m cifar_jax.explain --workdir DIR" in out
+    assert "12 min 17 s" in out  # --evaluate's measured duration

@@ -239,3 +239,14 @@ def test_auto_dtype_is_resolved_once_and_kept_by_a_resumed_run(cifar_archive, tm
     out = capsys.readouterr().out
     assert f"model.dtype=auto -> {resolved} (as this workdir's run resolved it" in out
     assert json.loads((workdir / "config.json").read_text())["model"]["dtype"] == resolved
+
+
+def test_run_left_counts_this_epoch_at_its_pace_and_later_epochs_at_their_mean():
+    from cifar_jax.train import format_duration, run_left_s
+
+    # Epoch 1 of 3 (0-based), 10 of 40 steps in 5 s: 30 steps at 0.5 s, then 1 epoch at the mean of 100 and 120 s.
+    history = [{"epoch_time_s": 100.0}, {"epoch_time_s": 120.0}]
+    assert run_left_s(history, 3, 1, 10, 30, 5.0) == 15.0 + 110.0
+    assert run_left_s([], 3, 0, 10, 30, 5.0) == 15.0 + 2 * 20.0  # no finished epoch yet: this epoch's pace
+    assert run_left_s(history, 3, 2, 0, 0, 0.0) == 0.0  # after the last epoch
+    assert [format_duration(s) for s in (45, 750, 3900)] == ["45s", "12m30s", "1h05m"]
