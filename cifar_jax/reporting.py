@@ -175,6 +175,8 @@ def build_report(workdir, data_path: str | None = None, num_images: int = 20, st
     Raises ``ReportError``/``CheckpointError``/``DataError`` (one line) when something is missing.
     """
     workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise ReportError(f"workdir {str(workdir)!r} does not exist")
     history = read_history(workdir)
     if not history:
         raise ReportError(f"{workdir / 'metrics.jsonl'} has no finished epoch to report")

@@ -31,6 +31,12 @@ def test_report_cli_rebuilds_on_demand(smoke_workdir, capsys):
     assert "Report written to" in capsys.readouterr().out
 
 
+def test_report_of_a_missing_workdir_says_it_does_not_exist(tmp_path, capsys):
+    assert main(["--workdir", str(tmp_path / "typo")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: workdir {str(tmp_path / 'typo')!r} does not exist"
+
+
 def test_report_of_an_empty_workdir_is_a_one_line_error(tmp_path, capsys):
     assert main(["--workdir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
