@@ -27,13 +27,14 @@ SCHEDULES = ("onecycle", "linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("auto", *SOURCES)
 PAD_MODES = ("reflect", "constant", "edge", "symmetric")
+AUTO_FLOAT32 = "auto_float32"  # The group of fields a config sets for when model.dtype=auto resolves to float32.
 
 
 def load_config(path: str | Path) -> ml_collections.ConfigDict:
     """Imports a config file and returns its ``get_config()``, unlocked for overrides."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} does not exist{_configs_beside(path)}")
     spec = importlib.util.spec_from_file_location(f"_cifar_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -49,6 +50,19 @@ def load_config(path: str | Path) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {str(path)!r} must return an ml_collections.ConfigDict")
     return config
+
+
+def _configs_beside(path: Path) -> str:
+    """What to say after "config file PATH does not exist": a close name and the configs in its folder ("" if none)."""
+    try:
+        names = sorted(p.name for p in path.parent.glob("*.py") if not p.name.startswith("_"))
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    guess = f"; did you mean {str(path.parent / close[0])!r}?" if close else ""
+    return f"{guess} (configs in {str(path.parent)!r}: {', '.join(names)})"
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -173,7 +187,7 @@ RULES: dict[str, Rule] = {
     "eval_every": integer(1),
     "model.name": choice(*MODELS),
     "model.width": integer(1),
-    "model.dtype": choice(*DTYPES),
+    "model.dtype": choice("auto", *DTYPES),
     "model.norm_dtype": choice("same", *DTYPES),
     "model.norm_backward": choice(*NORMS),
     "model.zero_init_residual": BOOL,
@@ -239,6 +253,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     """
     fields = flatten(config)
     for name, value in fields.items():
+        if name.startswith(AUTO_FLOAT32 + "."):  # A field to set when model.dtype=auto resolves to float32.
+            name = name[len(AUTO_FLOAT32) + 1:]
+            if name not in RULES or name == "model.dtype":
+                raise ConfigError(f"unknown config field {name!r} in {AUTO_FLOAT32}{_did_you_mean(name, RULES)}")
+            RULES[name].check(f"{AUTO_FLOAT32}.{name}", value)
+            continue
         if name not in RULES:
             raise ConfigError(f"unknown config field {name!r}{_did_you_mean(name, RULES)}")
         RULES[name].check(name, value)
@@ -266,6 +286,29 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     for ok, message in cross:
         if not ok:
             raise ConfigError(message)
+
+
+def resolve_dtype(config: ml_collections.ConfigDict, dtype: str, why: str, keep=()) -> str:
+    """Resolves ``model.dtype="auto"`` to ``dtype`` in place; returns the one line that says so.
+
+    When it resolves to float32 the fields of ``auto_float32`` are set too, except those in ``keep`` (dotted names
+    given on the command line, which win). A concrete ``model.dtype`` is left alone (returns "").
+    """
+    if config.model.dtype != "auto":
+        return ""
+    config.model.dtype = dtype
+    line = f"model.dtype=auto -> {dtype} ({why})"
+    if dtype == "float32":
+        changed = {n: v for n, v in flatten(config.get(AUTO_FLOAT32, ml_collections.ConfigDict())).items() if n not in keep}
+        for name, value in changed.items():
+            *groups, leaf = name.split(".")
+            node = config
+            for g in groups:
+                node = node[g]
+            node[leaf] = value
+        if changed:
+            line += f"; {AUTO_FLOAT32} sets " + ", ".join(f"{n}={v!r}" for n, v in changed.items())
+    return line
 
 
 def _did_you_mean(name: str, known) -> str:
@@ -306,7 +349,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet18"  # A key of cifar_jax.models.MODELS.
     c.model.width = 64  # Channels of the stem and first stage (64 = the original, 11,173,962 parameters).
-    c.model.dtype = "float32"  # Compute dtype; parameters and logits stay float32.
+    # Compute dtype; parameters and logits stay float32. "auto", resolved at startup (one printed line, kept in the
+    # workdir's config.json and by a resumed run): bfloat16 where it is fast (a GPU/TPU, or a CPU with AVX512-BF16 or
+    # AMX and the oneDNN extension), else float32 with the fields of auto_float32.
+    c.model.dtype = "float32"
     # BatchNorm's compute dtype: "same" as model.dtype, or e.g. float32 around bfloat16 convolutions (XLA:CPU's
     # BatchNorm on bfloat16 is slow: docs/benchmarks.md).
     c.model.norm_dtype = "same"
@@ -319,6 +365,9 @@ def base_config() -> ml_collections.ConfigDict:
     # installed, the backend is one CPU device and the model float32 (or bfloat16 on a CPU with AVX512-BF16
     # or AMX), else xla. Same parameters either way.
     c.model.conv = "auto"
+    # Fields set when model.dtype="auto" resolves to float32, as a nested group (e.g. {"model": {"width": 16}}):
+    # a recipe's settings for CPUs without native bfloat16. Command-line overrides win over them.
+    c.auto_float32 = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "auto"  # auto (folder at path if it exists, else cifar10), folder, cifar10, cifar100, tfds.

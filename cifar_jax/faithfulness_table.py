@@ -100,7 +100,7 @@ def evaluate_methods(
     targets = jnp.asarray(targets, jnp.int32)
     names = methods + BASELINES
     per_image = {name: [] for name in names}
-    for start in tqdm(range(0, n, batch_size), desc="faithfulness", disable=not progress):
+    for start in tqdm(range(0, n, batch_size), desc="faithfulness", disable=None if progress else True):
         x, t = images[start : start + batch_size], targets[start : start + batch_size]
         batch_key = jax.random.fold_in(k_metric, start)  # shared by all methods: common random numbers
         for name in names:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -61,6 +62,7 @@ class TrainedModel:
     std: np.ndarray  # (3,)
     step: int
     history: list
+    predictor: Any = None  # The module ``logits`` applies: built with the convolution kernels training evaluated with.
 
     @property
     def eval_flip(self) -> bool:
@@ -87,7 +89,8 @@ class TrainedModel:
 
     @functools.cached_property
     def _logits_of_uint8(self):
-        apply, flip, translate, mean, std = self.model.apply, self.eval_flip, self.eval_translate, self.mean, self.std
+        apply = (self.predictor or self.model).apply
+        flip, translate, mean, std = self.eval_flip, self.eval_translate, self.mean, self.std
         return jax.jit(lambda variables, x: eval_logits(apply, variables, normalize(x, mean, std), flip, translate))
 
     def logits(self, images):
@@ -106,14 +109,19 @@ def load_trained(workdir, step: int | str = "best") -> TrainedModel:
     over with a one-line warning (see ``checkpoints.load_intact``). Raises ``CheckpointError`` (one
     line) if there is nothing intact to load.
     """
+    if not Path(workdir).is_dir():
+        raise ckpt.CheckpointError(f"workdir {str(workdir)!r} does not exist")
     if not ckpt.checkpoint_dir(workdir).is_dir():
         raise ckpt.CheckpointError(f"workdir {str(workdir)!r} has no checkpoints/ (train a model there first)")
-    models = {}
+    models, predictors = {}, {}
 
     def restore(s: int, meta: dict) -> dict:
         try:
             config = ml_collections.ConfigDict(meta["config"])
             model = models[s] = build_model(config, len(meta["class_names"]), conv="xla")
+            # The predictor uses the kernels training evaluated with (their rounding can flip a close call).
+            onednn = meta.get("conv") == "onednn"
+            predictors[s] = build_model(config, len(meta["class_names"]), conv="auto") if onednn else model
             image = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
             abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
         except Exception as e:  # A config this version cannot build a model from (e.g. written by another version).
@@ -136,6 +144,7 @@ def load_trained(workdir, step: int | str = "best") -> TrainedModel:
         std=np.asarray(meta["std"], np.float32),
         step=loaded.step,
         history=meta.get("history", []),
+        predictor=predictors[loaded.step],
     )
 
 
@@ -171,7 +180,7 @@ def predict(trained: TrainedModel, images, labels, batch_size: int = 1000, progr
     from tqdm.auto import tqdm
 
     starts = range(0, len(images), batch_size)
-    logits = [np.asarray(trained.logits(images[s : s + batch_size])) for s in tqdm(starts, desc="predict", disable=not progress, leave=False)]
+    logits = [np.asarray(trained.logits(images[s : s + batch_size])) for s in tqdm(starts, desc="predict", disable=None if progress else True, leave=False)]
     return Predictions(np.concatenate(logits), np.asarray(labels))
 
 

@@ -140,6 +140,24 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
+def fast_dtype(conv: str = "auto") -> tuple[str, str]:
+    """(compute dtype that is fast here, why) for ``model.dtype="auto"`` under ``model.conv`` = ``conv``.
+
+    bfloat16 off the CPU and where oneDNN runs it natively (``native_bfloat16()``: AVX512-BF16 or AMX, one CPU
+    device); float32 elsewhere, where bfloat16 convolutions would fall to XLA's slower kernels.
+    """
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return "bfloat16", f"the {backend} backend"
+    if conv == "xla":
+        return "float32", "model.conv=xla: XLA's bfloat16 convolutions are slower than its float32 ones on a CPU"
+    if jax.device_count() != 1:
+        return "float32", f"oneDNN needs one CPU device and this run has {jax.device_count()}"
+    if native_bfloat16():
+        return "bfloat16", "this CPU has AVX512-BF16 or AMX for oneDNN's bfloat16 kernels"
+    return "float32", f"no native bfloat16 for oneDNN here: {unavailable_reason() or 'this CPU has neither AVX512-BF16 nor AMX'}"
+
+
 def conv_for(choice: str, dtype: str):
     """The ``conv_general_dilated`` a model should use for ``model.conv`` = ``choice``: this module's, or None (XLA's).
 

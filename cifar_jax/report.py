@@ -1,4 +1,4 @@
-"""Rebuild a run's report: ``python -m cifar_jax.report --workdir DIR``.
+"""Rebuild a run's report: python -m cifar_jax.report --workdir DIR
 
 Writes REPORT.md and its plots into DIR (see ``cifar_jax.reporting``); training does
 this at the end of every run. This file is intentionally kept short.

@@ -175,6 +175,8 @@ def build_report(workdir, data_path: str | None = None, num_images: int = 20, st
     Raises ``ReportError``/``CheckpointError``/``DataError`` (one line) when something is missing.
     """
     workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise ReportError(f"workdir {str(workdir)!r} does not exist")
     history = read_history(workdir)
     if not history:
         raise ReportError(f"{workdir / 'metrics.jsonl'} has no finished epoch to report")
@@ -235,10 +237,16 @@ def _report_text(trained, history, ds, preds, worst, report) -> str:
     config_lines = json.dumps(config.to_dict(), indent=1, sort_keys=True)
     every = config.get("eval_every", 1)
     every_note = f" The test set was evaluated every {every} epochs and after the last (`eval_every`)." if every > 1 else ""
+    measured = next((r for r in history if r.get("step") == trained.step and "test_accuracy" in r), None)
+    correct = int((preds.predicted == preds.labels).sum())
+    if measured is not None and round(measured["test_accuracy"] * len(preds.labels)) != correct:
+        every_note += (f"\n\n**Recomputed here, step {trained.step} scores {100 * preds.accuracy:.2f}%, not the "
+                       f"{100 * measured['test_accuracy']:.2f}% training measured**: other data or convolution kernels "
+                       "than in training (e.g. the report built on another machine).")
     return f"""# Training report: {config.model.name} width {config.model.width}
 
 Data: {data_desc}, {len(ds.train_labels)} training and {len(ds.test_labels)} test images, {len(names)} classes.
-Model step {trained.step} (best by test accuracy) is used for the confusion matrix, the per-class table and the pictures;
+Model step {trained.step} ({"best by test accuracy" if trained.step == best.get("step") else "as asked"}) is used for the confusion matrix, the per-class table and the pictures;
 its predictions are {predictor}. It misclassifies {int((preds.predicted != preds.labels).sum())} of {len(preds.labels)} test images.
 
 | | test accuracy | epoch |

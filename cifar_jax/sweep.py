@@ -1,4 +1,4 @@
-"""Train config variants x seeds side by side and print one table: ``python -m cifar_jax.sweep``.
+"""Train config variants x seeds side by side and print one table: python -m cifar_jax.sweep
 
     python -m cifar_jax.sweep --config experiments/resnet18.py --variants experiments/sweeps/recipe.py \
         --seeds 0 1 2 --workdir runs/sweep

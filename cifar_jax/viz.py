@@ -35,11 +35,6 @@ def heatmap_overlay(image, cam, alpha: float = 0.5, colormap: str = "jet"):
     return np.clip(image, 0.0, 1.0, out=image)
 
 
-def upscale_nearest(image, factor: int):
-    """(H, W, C) -> (H*f, W*f, C) by pixel repetition: tiny CIFAR images stay crisp when enlarged."""
-    return np.repeat(np.repeat(np.asarray(image), factor, axis=0), factor, axis=1)
-
-
 def save_png(path, image) -> None:
     """Writes an (H, W, 3) float [0, 1] or uint8 array as a PNG."""
     from PIL import Image
@@ -53,7 +48,8 @@ def save_png(path, image) -> None:
 
 
 def image_grid(
-    path, images, titles: Sequence[str], overlays=None, cols: int = 5, title: str | None = None, overlay_label: str = "Grad-CAM"
+    path, images, titles: Sequence[str], overlays=None, cols: int = 5, title: str | None = None, overlay_label: str = "Grad-CAM",
+    colorbar: bool = False, colormap: str = "jet",
 ) -> None:
     """A grid of images with a caption each; with ``overlays``, each image's heat map sits right beside it.
 
@@ -61,6 +57,7 @@ def image_grid(
       images: (N, H, W, 3) uint8 or [0, 1] float.
       titles: N captions (e.g. "true: cat\\npred: dog 0.81").
       overlays: optional (N, H, W, 3) overlays drawn next to their images.
+      colorbar: add the heat map's colour scale at the right.
     """
     import matplotlib
 
@@ -85,10 +82,52 @@ def image_grid(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    if colorbar:
+        from matplotlib import cm, colors
+
+        fig.subplots_adjust(right=0.93)
+        scale = fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), colormap), cax=fig.add_axes([0.945, 0.2, 0.012, 0.6]))
+        scale.set_label("relevance", fontsize=8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_path(path, suffix=".png") as tmp:  # A failed or interrupted write leaves the old picture.
             fig.savefig(tmp, dpi=90)
+            shrink_png(tmp)
+    finally:
+        plt.close(fig)
+
+
+def explanation_figure(path, image, picture, title: str, picture_title: str, colorbar: bool = True,
+                       colormap: str = "jet") -> None:
+    """One labelled PNG (~800x400 px): ``image`` beside its explanation ``picture``, with a colour bar for heat maps.
+
+    Args:
+      image: (H, W, 3) the image as explained (any size; small ones are drawn with crisp pixels).
+      picture: (h, w, 3) the heat-map overlay or the guided gradients, float in [0, 1] or uint8.
+      title: above both (e.g. the file, the predicted class and its probability).
+      picture_title: above the picture (e.g. the method, the layer and the class explained).
+      colorbar: draw the colour map's scale (for heat maps, not for guided gradients).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import cm, colors
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 4), gridspec_kw={"wspace": 0.08})
+    for ax, img, name in ((left, image, "image"), (right, picture, picture_title)):
+        img = np.asarray(img)
+        ax.imshow(img, interpolation="nearest" if max(img.shape[:2]) < 128 else "antialiased")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if colorbar:
+        scale = fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), colormap), ax=[left, right], fraction=0.03, pad=0.02)
+        scale.set_label("relevance (0 = none, 1 = the map's maximum)", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # A failed or interrupted write leaves the old picture.
+            fig.savefig(tmp, dpi=100)
             shrink_png(tmp)
     finally:
         plt.close(fig)

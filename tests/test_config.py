@@ -1,6 +1,6 @@
 import pytest
 
-from cifar_jax.config import ConfigError, apply_overrides, base_config, load_config, validate
+from cifar_jax.config import ConfigError, apply_overrides, base_config, load_config, resolve_dtype, validate
 from tests.conftest import ROOT, run_module
 
 
@@ -49,12 +49,36 @@ def test_bad_values_are_rejected_before_compute(override, devices, message, cifa
         validate(config, devices)
 
 
-@pytest.mark.parametrize("name", ["resnet18.py", "resnet18_cpu.py", "resnet18_cpu_float32.py", "smoke.py"])
+@pytest.mark.parametrize("name", ["resnet18.py", "resnet18_cpu.py", "smoke.py"])
 def test_experiment_configs_load_and_validate(name, cifar_archive):
     config = load_config(ROOT / "experiments" / name)
     config.data.path = str(cifar_archive)
     validate(config)
     assert f"python -m cifar_jax.train --config experiments/{name}" in (ROOT / "experiments" / name).read_text()
+
+
+def test_cpu_recipe_resolves_to_the_bfloat16_or_the_float32_recipe():
+    config = load_config(ROOT / "experiments" / "resnet18_cpu.py")
+    assert config.model.dtype == "auto"
+    bf16 = load_config(ROOT / "experiments" / "resnet18_cpu.py")
+    assert resolve_dtype(bf16, "bfloat16", "why") == "model.dtype=auto -> bfloat16 (why)"
+    assert (bf16.model.dtype, bf16.model.width, bf16.epochs, bf16.batch_size, bf16.eval_translate) == ("bfloat16", 24, 21, 256, 0)
+    line = resolve_dtype(config, "float32", "why", keep={"epochs"})  # a command-line override wins
+    assert (config.model.dtype, config.model.width, config.epochs, config.batch_size) == ("float32", 16, 21, 128)
+    assert (config.optim.lr, config.eval_translate, config.eval_every) == (0.1, 1, 4)
+    assert "model.width=16" in line and "epochs" not in line
+    assert resolve_dtype(config, "bfloat16", "why") == ""  # resolved once: a concrete dtype stays
+
+
+def test_auto_float32_fields_are_validated(cifar_archive):
+    config = load_config(ROOT / "experiments" / "resnet18_cpu.py")
+    config.data.path = str(cifar_archive)
+    config.auto_float32.model.width = 0
+    with pytest.raises(ConfigError, match="auto_float32.model.width must be an integer >= 1"):
+        validate(config)
+    config.auto_float32 = {"model": {"widht": 16}}
+    with pytest.raises(ConfigError, match="unknown config field 'model.widht' in auto_float32"):
+        validate(config)
 
 
 def test_gpu_recipe_keeps_the_original_model_and_budget():
@@ -68,6 +92,8 @@ def test_gpu_recipe_keeps_the_original_model_and_budget():
     "args,message",
     [
         (["--config", "experiments/nope.py"], "config file 'experiments/nope.py' does not exist"),
+        (["--config", "experiments/resnet18-cpu.py"], "did you mean 'experiments/resnet18_cpu.py'? (configs in "
+                                                      "'experiments': resnet18.py, resnet18_cifar100.py, resnet18_cpu.py, smoke.py)"),
         (["--config", "experiments/smoke.py", "--config.epochz=1"], "unknown config field 'epochz'"),
         (["--config", "experiments/smoke.py", "--config.epochs=0"], "epochs must be an integer >= 1"),
         (["--config", "experiments/smoke.py", "--config.data.path=/nowhere.tar.gz"], "does not exist"),

@@ -14,12 +14,13 @@ def run(capsys, *args):
 def test_default_explains_the_worst_misclassified_test_images(smoke_workdir, tmp_path, capsys):
     rc, out, err = run(capsys, "--workdir", smoke_workdir, "--num", 6, "--out", tmp_path)
     assert rc == 0, err
-    assert (tmp_path / "gradcam.png").stat().st_size > 10_000
+    assert (tmp_path / "misclassified_gradcam.png").stat().st_size > 10_000
     assert (tmp_path / "misclassified.png").exists()
     overlays = sorted((tmp_path / "overlays").glob("*.png"))
     assert len(overlays) == 6
-    assert Image.open(overlays[0]).size == (128, 128)
-    assert "_true-" in overlays[0].name and "_pred-" in overlays[0].name
+    width, height = Image.open(overlays[0]).size  # a labelled figure: image, map and colour bar, not a thumbnail
+    assert width >= 600 and height >= 300
+    assert "_true-" in overlays[0].name and "_pred-" in overlays[0].name and overlays[0].name.endswith("_gradcam.png")
     assert "Explained 6 misclassified test images with Grad-CAM at layer4" in out
 
 
@@ -40,7 +41,7 @@ def test_other_methods_layers_and_targets(smoke_workdir, tmp_path, capsys, metho
     rc, _, err = run(capsys, "--workdir", smoke_workdir, "--num", 3, "--out", tmp_path, "--method", method,
                      "--layer", "layer3", "--target", "cat")
     assert rc == 0, err
-    assert (tmp_path / f"{method}.png").exists()
+    assert (tmp_path / f"misclassified_{method}.png").exists()
 
 
 def write_user_images(d):
@@ -57,9 +58,12 @@ def test_user_images_of_any_size_and_mode(smoke_workdir, tmp_path, capsys):
     out_dir = tmp_path / "out"
     rc, out, err = run(capsys, "--workdir", smoke_workdir, "--out", out_dir, "--images", *[tmp_path / n for n in names])
     assert rc == 0, err
-    assert Image.open(out_dir / "photo_gradcam.png").size == (120, 90)  # overlay at the original resolution
-    assert Image.open(out_dir / "rgba_gradcam.png").size == (64, 48)
-    assert Image.open(out_dir / "gray_gradcam_32px.png").size == (128, 128)
+    assert Image.open(out_dir / "photo_gradcam_overlay.png").size == (120, 90)  # the bare overlay: original resolution
+    assert Image.open(out_dir / "rgba_gradcam_overlay.png").size == (64, 48)
+    for name in names:  # the printed file: a labelled figure large enough to see, whatever the input's size
+        figure = out_dir / f"{name.split('.')[0]}_gradcam.png"
+        assert f"-> {figure}" in out and Image.open(figure).size[0] >= 600
+    assert not list(out_dir.glob("*px.png"))
     model_line, *lines = out.strip().splitlines()
     assert model_line.startswith("Model: step ")
     assert len(lines) == 4
@@ -110,6 +114,11 @@ def test_workdir_without_checkpoints(tmp_path, capsys):
     assert rc == 1 and "has no checkpoints" in err and err.strip().count("\n") == 0
 
 
+def test_missing_workdir_says_it_does_not_exist(tmp_path, capsys):
+    rc, _, err = run(capsys, "--workdir", tmp_path / "typo")
+    assert rc == 1 and "does not exist" in err and "checkpoints" not in err and err.strip().count("\n") == 0
+
+
 def test_evaluate_writes_a_faithfulness_table(smoke_workdir, tmp_path, capsys):
     rc, out, err = run(capsys, "--workdir", smoke_workdir, "--out", tmp_path, "--evaluate", "--eval-images", 8,
                        "--methods", "gradcam", "layercam")
@@ -139,3 +148,11 @@ def test_methods_beyond_the_original_family(smoke_workdir, tmp_path, capsys, met
     assert rc == 0, err
     maps = np.load(tmp_path / "maps.npz")["maps"]
     assert maps.shape == (2, 32, 32) and maps.min() >= 0 and maps.max() <= 1 and maps.std() > 0
+
+
+def test_help_is_plain_text_with_durations(capsys):
+    with pytest.raises(SystemExit) as done:
+        explain.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert done.value.code == 0 and "``" not in out and "python -m cifar_jax.explain --workdir DIR" in out
+    assert "12 min 17 s" in out  # --evaluate's measured duration

@@ -118,15 +118,3 @@ def test_no_import_cycle_and_no_library_imports_a_cli():
     for m in graph:
         if m not in state:
             visit(m, [])
-
-
-def test_readme_snippet_runs_as_written(smoke_workdir, tmp_path, monkeypatch, capsys):
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Explaining"):]
-    snippet = section[section.index("```python") + len("```python"): section.index("```", section.index("```python") + 9)]
-    monkeypatch.chdir(tmp_path)
-    exec(compile(snippet.replace("runs/resnet18_cpu", str(smoke_workdir)), "README.md", "exec"), {})
-    assert "(8, 32, 32) (8, 4, 4)" in capsys.readouterr().out
-    from PIL import Image
-
-    assert Image.open(tmp_path / "overlay.png").size == (128, 128)

@@ -168,6 +168,16 @@ def test_resnet_bfloat16_step_on_onednn_tracks_float32_as_closely_as_xla_bfloat1
     assert np.mean(ours) > np.mean(xla) - 0.01 and min(ours) > 0.8
 
 
+def test_fast_dtype_is_bfloat16_exactly_where_onednn_runs_it_natively(monkeypatch):
+    assert onednn.fast_dtype("auto")[0] == ("bfloat16" if onednn.native_bfloat16() else "float32")
+    assert onednn.fast_dtype("xla")[0] == "float32"  # XLA's CPU kernels: float32 is the fast one
+    monkeypatch.setattr(onednn, "native_bfloat16", lambda: True)
+    assert onednn.fast_dtype("auto") == ("bfloat16", "this CPU has AVX512-BF16 or AMX for oneDNN's bfloat16 kernels")
+    monkeypatch.setattr(onednn, "native_bfloat16", lambda: False)
+    dtype, why = onednn.fast_dtype("auto")
+    assert dtype == "float32" and why.startswith("no native bfloat16 for oneDNN here: ")
+
+
 def test_conv_for_picks_xla_where_onednn_cannot_run_and_says_why_when_asked(monkeypatch):
     from cifar_jax.config import ConfigError
 

@@ -134,7 +134,7 @@ def test_a_huge_photo_is_explained_in_bounded_memory(smoke_workdir, tmp_path):
     seconds = time.time() - t0
     print(f"peak RSS: {base_mb:.0f} MB for 120x90, {big_mb:.0f} MB for {BIG_SIDE}x{BIG_SIDE} ({seconds:.1f} s)")
     assert big_mb - base_mb < 1024, (base_mb, big_mb)
-    overlay = Image.open(tmp_path / "out_big" / "big_gradcam.png")
+    overlay = Image.open(tmp_path / "out_big" / "big_gradcam_overlay.png")
     assert overlay.size == (2048, 2048)
     assert f"drawn at 2048x2048 of {BIG_SIDE}x{BIG_SIDE}" in out
 
@@ -153,10 +153,10 @@ def test_same_stem_inputs_do_not_overwrite_each_other(smoke_workdir, tmp_path, c
     written = {p.name: p.read_bytes() for p in out_dir.glob("*.png")}
     stems = ("cat-jpg", "cat-png", "dog-png", "dog-png-2")
     for stem in stems:
-        assert f"{stem}_gradcam.png" in written and f"{stem}_gradcam_32px.png" in written, sorted(written)
-    assert len({written[f"{s}_gradcam.png"] for s in stems}) == 4
-    assert Image.open(out_dir / "cat-png_gradcam.png").size == (64, 48)
-    assert Image.open(out_dir / "dog-png-2_gradcam.png").size == (50, 70)
+        assert f"{stem}_gradcam.png" in written and f"{stem}_gradcam_overlay.png" in written, sorted(written)
+    assert len({written[f"{s}_gradcam_overlay.png"] for s in stems}) == 4
+    assert Image.open(out_dir / "cat-png_gradcam_overlay.png").size == (64, 48)
+    assert Image.open(out_dir / "dog-png-2_gradcam_overlay.png").size == (50, 70)
     for line, stem in zip(out.strip().splitlines()[1:], stems):
         assert line.endswith(f"{stem}_gradcam.png"), line
 

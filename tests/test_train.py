@@ -220,3 +220,33 @@ def test_eval_translate_averages_airbench_views(flip):
     np.testing.assert_allclose(eval_logits(apply_fn, 2.0, images, flip, translate=1), expected, rtol=1e-6)
     np.testing.assert_allclose(eval_logits(apply_fn, 2.0, images, flip), views(x), rtol=1e-6)
     assert not np.allclose(expected, views(x))
+
+
+def test_auto_dtype_is_resolved_once_and_kept_by_a_resumed_run(cifar_archive, tmp_path, monkeypatch, capsys):
+    from cifar_jax import onednn, train
+    from cifar_jax.config import DTYPES
+
+    workdir = tmp_path / "auto"
+    args = ["--config", "experiments/smoke.py", "--workdir", str(workdir), f"--config.data.path={cifar_archive}",
+            "--config.model.dtype=auto", "--config.epochs=1", "--config.log.progress_bar=false", "--config.log.report=false"]
+    assert train.main(args) == 0
+    resolved = json.loads((workdir / "config.json").read_text())["model"]["dtype"]
+    assert resolved in DTYPES
+    assert f"model.dtype=auto -> {resolved} (" in capsys.readouterr().out
+    other = "float32" if resolved == "bfloat16" else "bfloat16"
+    monkeypatch.setattr(onednn, "fast_dtype", lambda conv="auto": (other, "a different CPU"))
+    assert train.main(args) == 0  # the same workdir on "another CPU": resumes with the dtype it started with
+    out = capsys.readouterr().out
+    assert f"model.dtype=auto -> {resolved} (as this workdir's run resolved it" in out
+    assert json.loads((workdir / "config.json").read_text())["model"]["dtype"] == resolved
+
+
+def test_run_left_counts_this_epoch_at_its_pace_and_later_epochs_at_their_mean():
+    from cifar_jax.train import format_duration, run_left_s
+
+    # Epoch 1 of 3 (0-based), 10 of 40 steps in 5 s: 30 steps at 0.5 s, then 1 epoch at the mean of 100 and 120 s.
+    history = [{"epoch_time_s": 100.0}, {"epoch_time_s": 120.0}]
+    assert run_left_s(history, 3, 1, 10, 30, 5.0) == 15.0 + 110.0
+    assert run_left_s([], 3, 0, 10, 30, 5.0) == 15.0 + 2 * 20.0  # no finished epoch yet: this epoch's pace
+    assert run_left_s(history, 3, 2, 0, 0, 0.0) == 0.0  # after the last epoch
+    assert [format_duration(s) for s in (45, 750, 3900)] == ["45s", "12m30s", "1h05m"]
