@@ -127,7 +127,7 @@ def test_resnet_train_step_matches_xla_kernels():
 
 
 @needs_native_bf16
-def test_resnet_bfloat16_step_on_onednn_tracks_float32_as_closely_as_xla_bfloat16():
+def test_resnet_bfloat16_step_on_onednn_tracks_float32_as_closely_as_xla_bfloat16(xla_optimized):
     """A width-8 ResNet18 in bfloat16 on oneDNN: loss and gradients as close to the float32 step as XLA's bfloat16.
 
     bfloat16 alone moves small gradients a lot (BatchNorm biases: cosine 0.84-0.89 to float32 with XLA's
