@@ -21,7 +21,7 @@ import types
 
 import numpy as np
 
-from _common import ROOT, measured_cpu_config, finish, parser, timed, warn_if_busy
+from _common import ROOT, benchmark_config, finish, parser, timed, warn_if_busy
 
 
 def import_pytorch_grad_cam():
@@ -64,7 +64,7 @@ def main():
 
     if args.quick:
         args.n, args.width, args.repeats = 8, 4, 2
-    config = measured_cpu_config()  # Width (--width) and float32 when no --workdir is given.
+    config = benchmark_config()  # Width (--width) and float32 when no --workdir is given.
     config.data.path = str(ROOT / config.data.path)
     dataset = load_dataset(config.data)
     if args.workdir:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, measured_cpu_config, finish, parser, warn_if_busy
+from _common import ROOT, benchmark_config, finish, parser, warn_if_busy
 
 
 def child(quick: bool) -> None:
@@ -36,7 +36,7 @@ def child(quick: bool) -> None:
 
     enable_compilation_cache()
     t_import = time.perf_counter()
-    config = measured_cpu_config()
+    config = benchmark_config()
     if quick:
         config.model.width, config.batch_size = 4, 16
     mesh = train_lib.make_mesh()

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from _common import ROOT, measured_cpu_config, finish, parser, timed, warn_if_busy
+from _common import ROOT, benchmark_config, finish, parser, timed, warn_if_busy
 
 
 def main():
@@ -31,7 +31,7 @@ def main():
     from cifar_jax import train_lib
     from cifar_jax.data import load_dataset
 
-    config = measured_cpu_config()  # Width 16, float32, batch 256.
+    config = benchmark_config()  # Width 16, float32, batch 256.
     if args.quick:
         config.model.width, config.batch_size, args.max_train, args.repeats = 4, 32, 128, 2
     config.data.max_train, config.data.max_test = args.max_train, 1

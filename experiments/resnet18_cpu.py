@@ -1,4 +1,4 @@
-"""A narrow ResNet18 that 2 CPU cores train on the JPEG CIFAR-10 copy in about 42 minutes, on any CPU.
+"""A narrow ResNet18 that 2 CPU cores train on the JPEG CIFAR-10 copy in under 45 minutes, on any CPU.
 
 Same architecture as the original with fewer channels, oneDNN convolutions (``pip install -e ".[onednn]"``;
 model.conv=auto picks them) and ``model.dtype="auto"``, resolved at startup in one printed line:
@@ -9,11 +9,13 @@ model.conv=auto picks them) and ``model.dtype="auto"``, resolved at startup in o
   with the narrower, shorter recipe of ``auto_float32`` below: width 16, 20 epochs of batch 128, test-time shifts.
   Measured on an Intel Xeon (Ice Lake, AVX-512 + VNNI, no BF16), 2 cores: docs/results/resnet18_cpu_float32.
 
-Run from the project root:
+Every figure behind these choices (accuracy, images/s, minutes, per machine) is in docs/results.md and
+docs/benchmarks.md. Run from the project root:
 
     python -m cifar_jax.train --config experiments/resnet18_cpu.py --workdir runs/resnet18_cpu
 
-``--config.model.dtype=float32`` (or bfloat16) forces one recipe on any CPU.
+``--config.model.dtype=float32`` (or bfloat16) forces that dtype with the width-24 recipe; the width-16 recipe of
+``auto_float32`` applies only when ``auto`` resolves to float32.
 """
 
 from cifar_jax.config import base_config
@@ -21,19 +23,16 @@ from cifar_jax.config import base_config
 
 def get_config():
     config = base_config()
-    # 3/8 of the channels: ~7x fewer FLOPs, 1,575,202 parameters. Measured in the same 45 min: width 24 for
-    # 21 epochs 89.17%, width 16 for 40 epochs 88.93% (28 epochs: 88.58%: it had flattened).
-    config.model.width = 24
-    # bfloat16 compute where the CPU runs it natively: 1.42x the images/s of float32 at width 16 on the EPYC
-    # (benchmarks/train_throughput.py --dtype float32,bfloat16); float32 elsewhere (cifar_jax.onednn.fast_dtype).
+    config.model.width = 24  # 3/8 of the channels: ~7x fewer FLOPs; the widest net whose 21 epochs fit the budget.
+    # bfloat16 compute where the CPU runs it natively (faster than float32 there); float32 elsewhere, with the
+    # recipe of auto_float32 below (cifar_jax.onednn.fast_dtype decides and the first line of the run says so).
     config.model.dtype = "auto"
-    config.epochs = 21  # What fits in 45 min on 2 cores: ~115 s an epoch (AVX-512 + AVX512-BF16 EPYC).
+    config.epochs = 21  # What fits in 45 minutes on 2 cores at width 24.
     config.batch_size = 256  # Smaller batches: more steps in few epochs, and fits the CPU caches better.
     config.optim.lr = 0.2
     config.optim.warmup_fraction = 0.2  # A shorter run peaks sooner.
-    config.optim.label_smoothing = 0.1  # +~0.5% test accuracy in short runs.
-    # No cutout: 12 epochs of width 16 with cutout 8 underfit (train 84.2% < test 84.9%).
-    config.augment.cutout = 0
+    config.optim.label_smoothing = 0.1  # Helped in every short run tried.
+    config.augment.cutout = 0  # A short run of a narrow net under-fits with cutout (train accuracy ends below test).
     config.eval_flip = True  # Test-time flip averaging: free accuracy at evaluation.
     # One JAX device: the oneDNN kernels use both cores themselves (2 devices would shard the step, where
     # model.conv=auto falls back to XLA's kernels: several times slower).
@@ -41,19 +40,11 @@ def get_config():
 
     # Without native bfloat16, oneDNN's float32 kernels are the fast path; a narrower net buys the lost speed back.
     config.auto_float32 = {
-        # Width 16 (701,466 parameters): 454 images/s at batch 128 on the Xeon, width 24 only 198 (2.3x the time for
-        # 2.25x the FLOPs), so 45 min buy ~17 epochs of width 16 or ~8 of width 24 (train_throughput.py --width W).
-        "model": {"width": 16},
-        # ~112 s an epoch on the Xeon plus 5 evaluations of ~35 s: ~42 min. A shared VM: one attempt ran at 150 s an
-        # epoch (14% of the CPU time stolen), which would be ~53 min; 16 epochs took 33.6 min (86.82%).
-        "epochs": 20,
-        # Twice the steps of batch 256 at about the same images/s (separate runs at width 16: 454 and 441 at 128, 376
-        # and 496 at 256; docs/benchmarks.md); lr scaled with the batch.
-        "batch_size": 128,
-        "optim": {"lr": 0.1},
-        # airbench's 1-px shifted views: +0.24 points on the width-24 model, +0.47 on width 16.
-        "eval_translate": 1,
-        # Evaluation with 6 views an image costs ~40% of an epoch: every 4th epoch (and the last).
-        "eval_every": 4,
+        "model": {"width": 16},  # Width 24 runs at less than half the images/s of width 16 in float32.
+        "epochs": 20,  # What fits in 45 minutes at width 16, evaluations included.
+        "batch_size": 128,  # Twice the steps of batch 256 at about the same images/s...
+        "optim": {"lr": 0.1},  # ...with the lr scaled with the batch.
+        "eval_translate": 1,  # airbench's 1-pixel shifted views: more accuracy for the narrower net.
+        "eval_every": 4,  # Evaluating 6 views an image is a large part of an epoch: every 4th epoch and the last.
     }
     return config
