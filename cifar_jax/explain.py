@@ -31,7 +31,8 @@ def parse_args(argv):
     p.add_argument("--workdir", required=True, help="training workdir with checkpoints")
     p.add_argument("--images", nargs="+", metavar="PATH", help="explain these image files instead of test images")
     p.add_argument("--method", default="gradcam", help=f"one of {', '.join(METHOD_LABELS)} (any spelling, e.g. guided_grad_cam, Grad-CAM++; default gradcam)")
-    p.add_argument("--layer", default="layer4", help="module path to explain, e.g. layer4, layer3/block0, layer3/block0/conv2 (default layer4; see --list-layers)")
+    p.add_argument("--layer", help="module path to explain, e.g. layer4, layer3/block0, layer3/block0/conv2 (default: the "
+                   "model's last stage, layer4 for ResNets; see --list-layers)")
     p.add_argument("--list-layers", action="store_true", help="print the model's module paths and output shapes, then exit")
     p.add_argument("--target", help="class name or index to explain (default: the predicted class)")
     p.add_argument("--num", type=int, default=20, help="misclassified test images to show (default 20)")
@@ -66,6 +67,7 @@ def _run(args) -> int:
 
         print(format_layers(inference.list_layers(trained)))
         return 0
+    args.layer = args.layer or trained.cam_layer
     inference.check_layer(trained, args.layer)
     target = inference.class_index(args.target, trained.class_names)
     print(f"Model: step {trained.step} of {args.workdir} ({trained.config.model.name} width {trained.config.model.width}"

@@ -65,6 +65,13 @@ class TrainedModel:
     predictor: Any = None  # The module ``logits`` applies: built with the convolution kernels training evaluated with.
 
     @property
+    def cam_layer(self) -> str:
+        """The layer explained when none is named: the last CAM layer of the model's family (layer4 for ResNets)."""
+        from cifar_jax.models import family_of
+
+        return family_of(self.config.model.name).cam_layers[-1]
+
+    @property
     def eval_flip(self) -> bool:
         """Whether predictions average the image and its mirror (the run's ``eval_flip``)."""
         return bool(self.config.get("eval_flip", False))

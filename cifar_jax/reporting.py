@@ -190,11 +190,11 @@ def build_report(workdir, data_path: str | None = None, num_images: int = 20, st
     worst = inference.misclassified_by_loss(preds)[:num_images]
     if len(worst):
         images = ds.test_images[worst]
-        expl = inference.explain(trained, images, preds.predicted[worst], method="gradcam", layer="layer4")
+        expl = inference.explain(trained, images, preds.predicted[worst], method="gradcam", layer=trained.cam_layer)
         titles = _titles(preds, worst, names)
         viz.image_grid(workdir / "misclassified.png", images, titles, cols=5, title="Misclassified test images, highest loss first")
         viz.image_grid(workdir / "gradcam.png", images, titles, overlays=viz.explanation_pictures(images, expl), cols=5,
-                       title="Grad-CAM (layer4, predicted class) over misclassified test images")
+                       title=f"Grad-CAM ({trained.cam_layer}, predicted class) over misclassified test images")
     report = class_report(ds.test_labels, preds.predicted, names)
     per_epoch = [f"## Epoch {r['epoch']}\n\n" + format_report_table(r["classification_report"], names)
                  for r in history if "classification_report" in r]
@@ -268,7 +268,7 @@ Training time: {total_time / 60:.1f} min for {len(history)} epochs ({total_time 
 
 ## Misclassified test images and Grad-CAM
 
-The {len(worst)} misclassified test images with the highest loss, and Grad-CAM at layer4 for the predicted class
+The {len(worst)} misclassified test images with the highest loss, and Grad-CAM at {trained.cam_layer} for the predicted class
 (red = regions that raised the predicted class's logit).
 
 ![misclassified](misclassified.png)

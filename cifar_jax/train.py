@@ -282,6 +282,7 @@ def setup(config, workdir: Path, dataset):
         raise TrainError(f"batch_size {config.batch_size} is larger than the {n_train} training images")
     total_steps = steps_per_epoch * config.epochs
     model = train_lib.build_model(config, dataset.num_classes)
+    onednn_kernels = getattr(model, "conv_general_dilated", None) is not None  # A family without the option: XLA's.
     mesh = train_lib.make_mesh()
     state = train_lib.create_sharded_state(model, train_lib.make_optimizer(config.optim, total_steps), config.seed, mesh,
                                            config.data.image_size)
@@ -299,7 +300,7 @@ def setup(config, workdir: Path, dataset):
         "num_train": n_train,
         "num_test": len(dataset.test_labels),
         # The kernels the test set is evaluated with: the trained-model predictor (reports) uses the same ones.
-        "conv": "onednn" if model.conv_general_dilated is not None else "xla",
+        "conv": "onednn" if onednn_kernels else "xla",
     }
     evaluate = make_evaluator(mesh, dataset, config, mean, std)
     has_views = config.eval_flip or config.eval_translate > 0
@@ -311,7 +312,7 @@ def setup(config, workdir: Path, dataset):
     )
     run.say(f"Data: {getattr(dataset, 'description', config.data.path)}: {n_train} training and "
             f"{len(dataset.test_labels)} test images, {dataset.num_classes} classes")
-    kernels = "oneDNN (cifar_jax.onednn)" if model.conv_general_dilated is not None else "XLA"
+    kernels = "oneDNN (cifar_jax.onednn)" if onednn_kernels else "XLA"
     if kernels == "XLA" and config.model.conv == "auto" and on_cpu:
         from cifar_jax import onednn
 

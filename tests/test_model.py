@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_jax.models import CAM_LAYERS, PARAM_GROUPS, STAGES, get_model
+from cifar_jax.models import CAM_LAYERS, MODELS, PARAM_GROUPS, STAGES, build_model, family_of, get_model
 from cifar_jax.models.resnet import PAD_3x3
 
 
@@ -205,10 +205,19 @@ def test_closed_form_batchnorm_in_a_resnet_train_step():
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * max(scale, 1e-3), err_msg=jax.tree_util.keystr(path))
 
 
-def test_cam_layers_and_param_groups_name_the_resnets_own_modules():
-    """The split points CAMs use and the randomisation's groups are read off STAGES, so they match the module tree."""
-    model = get_model("resnet18", width=4)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_builds_from_a_config_and_its_family_names_its_modules(name):
+    """build_model reads the config through the family's kwargs; the family's CAM layers and parameter groups
+    (the randomisation's order) are the model's own top-level modules."""
+    from cifar_jax.config import base_config
+
+    config = base_config()
+    config.model.name, config.model.width = name, 4
+    model = build_model(config, 7, conv="xla")
     params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    tops = {name.split("_")[0] for name in params}  # stem_conv, stem_bn -> stem
-    assert set(PARAM_GROUPS) == tops and PARAM_GROUPS[0] == "head" and PARAM_GROUPS[-1] == "stem"
-    assert CAM_LAYERS == ("layer1", "layer2", "layer3", "layer4") and set(CAM_LAYERS) < tops
+    assert params["head"]["kernel"].shape[-1] == 7
+    family = family_of(name.upper())
+    tops = {key.split("_")[0] for key in params}  # stem_conv, stem_bn -> stem
+    assert set(family.param_groups) == tops and family.param_groups[0] == "head"
+    assert set(family.cam_layers) < tops
+    assert (CAM_LAYERS, PARAM_GROUPS) == (family.cam_layers, family.param_groups)  # The ResNets' own.

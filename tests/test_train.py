@@ -250,3 +250,38 @@ def test_run_left_counts_this_epoch_at_its_pace_and_later_epochs_at_their_mean()
     assert run_left_s([], 3, 0, 10, 30, 5.0) == 15.0 + 2 * 20.0  # no finished epoch yet: this epoch's pace
     assert run_left_s(history, 3, 2, 0, 0, 0.0) == 0.0  # after the last epoch
     assert [format_duration(s) for s in (45, 750, 3900)] == ["45s", "12m30s", "1h05m"]
+
+
+def test_a_new_model_family_is_one_entry_and_trains_reports_and_explains(cifar_archive, tmp_path, monkeypatch):
+    """docs/training.md's worked example: a family that is not a ResNet (no stages, no kernel option) trains,
+    reports with Grad-CAM at its own last CAM layer, and resumes, from one FAMILIES entry."""
+    import flax.linen as nn
+
+    from cifar_jax import config as config_module
+    from cifar_jax import inference, models, train
+
+    class PlainCNN(nn.Module):
+        width: int = 8
+        num_classes: int = 10
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)
+            x = nn.relu(norm("bn1")(nn.Conv(self.width, (3, 3), name="block1")(x)))
+            x = nn.relu(norm("bn2")(nn.Conv(2 * self.width, (3, 3), strides=2, name="block2")(x)))
+            return nn.Dense(self.num_classes, name="head")(x.mean(axis=(1, 2)))
+
+    family = models.Family({"plaincnn": PlainCNN}, lambda m, num_classes, conv=None: dict(width=m.width, num_classes=num_classes),
+                           cam_layers=("block1", "block2"), param_groups=("head", "block2", "block1"))
+    # Editing FAMILIES in the source adds the entry before MODELS and the config rule are derived; here, patch all three.
+    monkeypatch.setattr(models, "FAMILIES", (*models.FAMILIES, family))
+    monkeypatch.setitem(models.MODELS, "plaincnn", PlainCNN)
+    monkeypatch.setitem(config_module.RULES, "model.name", config_module.choice(*models.MODELS))
+    workdir = tmp_path / "plain"
+    argv = ["--config", "experiments/smoke.py", "--workdir", str(workdir), "--config.model.name=plaincnn",
+            "--config.model.width=8", f"--config.data.path={cifar_archive}", "--config.log.progress_bar=false"]
+    assert train.main(argv) == 0
+    assert "Grad-CAM at block2 for the predicted class" in (workdir / "REPORT.md").read_text()
+    trained = inference.load_trained(workdir)
+    assert isinstance(trained.model, PlainCNN) and trained.cam_layer == "block2"
+    assert train.main(argv) == 0  # A finished run: nothing to do, no error.

@@ -1,7 +1,8 @@
 """Model registry and the one eval-mode predictor every consumer uses.
 
-``get_model(name, **kwargs)`` returns a Flax module; ``build_model(model_config, num_classes)``
-the module a config's ``model`` block describes; ``eval_logits`` applies it in eval mode,
+``FAMILIES`` lists the model families (constructors by name, how a config's ``model`` block becomes their
+arguments, their CAM layers and parameter groups); ``get_model(name, **kwargs)`` returns a Flax module;
+``build_model(config, num_classes)`` the module a config's ``model`` block describes; ``eval_logits`` applies it in eval mode,
 optionally averaging over test-time views: the mirrored images (``config.eval_flip``) and images
 shifted by a few pixels (``config.eval_translate``).
 """
@@ -11,25 +12,60 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from cifar_jax.models.resnet import CAM_LAYERS, NORMS, PARAM_GROUPS, STAGES, BasicBlock, Bottleneck, ResNet, ResNet10, ResNet18, ResNet34, ResNet50
 
-MODELS = {"resnet10": ResNet10, "resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def get_model(name: str, **kwargs) -> ResNet:
-    """Builds a registered model by (case-insensitive) name, e.g. ``get_model("resnet18", width=16)``."""
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: its constructors by name, how a config's ``model`` block becomes their keyword arguments,
+    and the module names the explanations use (CAM split points; parameter groups from output to input)."""
+
+    constructors: dict[str, Callable[..., nn.Module]]
+    config_kwargs: Callable[..., dict]  # (model config block, num_classes, conv_general_dilated or None) -> kwargs
+    cam_layers: tuple[str, ...]
+    param_groups: tuple[str, ...]
+
+
+def resnet_kwargs(m, num_classes: int, conv_general_dilated=None) -> dict:
+    """ResNet keyword arguments from a config's ``model`` block (width, dtype, norm_dtype, norm_backward,
+    zero_init_residual); fields missing from configs saved before they existed take their defaults."""
+    norm_dtype = m.get("norm_dtype", "same")
+    return dict(width=m.width, num_classes=num_classes, dtype=DTYPES[m.dtype],
+                norm_dtype=None if norm_dtype == "same" else DTYPES[norm_dtype],
+                norm_backward=m.get("norm_backward", "autodiff"), zero_init_residual=m.zero_init_residual,
+                conv_general_dilated=conv_general_dilated)
+
+
+# Every model family; a new one is its module, a kwargs function and one entry here (docs/training.md).
+FAMILIES = (
+    Family({"resnet10": ResNet10, "resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50}, resnet_kwargs,
+           CAM_LAYERS, PARAM_GROUPS),
+)
+MODELS = {name: ctor for family in FAMILIES for name, ctor in family.constructors.items()}
+
+
+def family_of(name: str) -> Family:
+    """The registered family of model ``name`` (case-insensitive); ValueError for an unknown name."""
     key = name.lower()
-    if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-    return MODELS[key](**kwargs)
+    for family in FAMILIES:
+        if key in family.constructors:
+            return family
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
 
 
-def build_model(config, num_classes: int, conv: str | None = None) -> ResNet:
-    """The module a run config's ``model`` block describes (name, width, dtype, norm_dtype, norm_backward,
-    zero_init_residual, conv).
+def get_model(name: str, **kwargs) -> nn.Module:
+    """Builds a registered model by (case-insensitive) name, e.g. ``get_model("resnet18", width=16)``."""
+    return family_of(name).constructors[name.lower()](**kwargs)
+
+
+def build_model(config, num_classes: int, conv: str | None = None) -> nn.Module:
+    """The module a run config's ``model`` block describes: its family's ``config_kwargs`` plus the convolution
+    kernels ``model.conv`` picks.
 
     ``conv`` overrides ``config.model.conv`` ("auto", "xla", "onednn"); trained-model inference passes
     "xla", since CAM methods vmap the model, which the oneDNN kernels only run one element at a time.
@@ -42,11 +78,8 @@ def build_model(config, num_classes: int, conv: str | None = None) -> ResNet:
         from cifar_jax import onednn
 
         kernel = onednn.conv_for(choice, m.dtype)
-    norm_dtype = m.get("norm_dtype", "same")  # Configs saved before norm_dtype existed: same as dtype.
-    norm_backward = m.get("norm_backward", "autodiff")  # Likewise: nn.BatchNorm's autodiff gradient.
-    return get_model(m.name, width=m.width, num_classes=num_classes, dtype=DTYPES[m.dtype],
-                     norm_dtype=None if norm_dtype == "same" else DTYPES[norm_dtype], norm_backward=norm_backward,
-                     zero_init_residual=m.zero_init_residual, conv_general_dilated=kernel)
+    family = family_of(m.name)
+    return family.constructors[m.name.lower()](**family.config_kwargs(m, num_classes, kernel))
 
 
 def eval_logits(apply_fn, variables, images, flip: bool = False, translate: int = 0):
@@ -91,6 +124,6 @@ class EvalLogits:
 
 
 __all__ = [
-    "CAM_LAYERS", "DTYPES", "MODELS", "NORMS", "PARAM_GROUPS", "STAGES", "BasicBlock", "Bottleneck", "ResNet", "ResNet10", "ResNet18", "ResNet34",
-    "ResNet50", "EvalLogits", "build_model", "eval_logits", "get_model",
+    "CAM_LAYERS", "DTYPES", "FAMILIES", "MODELS", "NORMS", "PARAM_GROUPS", "STAGES", "Family", "BasicBlock", "Bottleneck", "ResNet", "ResNet10", "ResNet18", "ResNet34",
+    "ResNet50", "EvalLogits", "build_model", "eval_logits", "family_of", "get_model", "resnet_kwargs",
 ]
