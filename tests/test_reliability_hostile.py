@@ -276,7 +276,7 @@ def test_unusable_compilation_cache_is_a_warning(tmp_path, monkeypatch, capsys):
 
 
 def test_progress_fields_match_the_trainer():
-    from cifar_jax.train import Progress
+    from cifar_jax.progress import Progress
 
     assert list(ckpt.PROGRESS_FIELDS) == [f.name for f in dataclasses.fields(Progress)]
 

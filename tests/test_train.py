@@ -242,7 +242,7 @@ def test_auto_dtype_is_resolved_once_and_kept_by_a_resumed_run(cifar_archive, tm
 
 
 def test_run_left_counts_this_epoch_at_its_pace_and_later_epochs_at_their_mean():
-    from cifar_jax.train import format_duration, run_left_s
+    from cifar_jax.progress import format_duration, run_left_s
 
     # Epoch 1 of 3 (0-based), 10 of 40 steps in 5 s: 30 steps at 0.5 s, then 1 epoch at the mean of 100 and 120 s.
     history = [{"epoch_time_s": 100.0}, {"epoch_time_s": 120.0}]
