@@ -224,3 +224,40 @@ def test_evaluate_methods_table(tiny_resnet):
     assert rows[1]["sanity_spearman"] == 1.0 and rows[0]["sanity_spearman"] < 1.0
     table = T.format_table(rows).splitlines()
     assert len(table) == 5 and "deletion_auc ↓" in table[0] and table[2].startswith("| gradcam | 8 |")
+
+
+def test_sanity_figure_is_the_cascades_last_row(tiny_resnet):
+    model, variables, images, targets = tiny_resnet
+    rows = S.cascading_randomization(model, variables, images, targets, key(3), draws=3)
+    figure = S.full_randomization_spearman(model, variables, images, targets, key(3), draws=3)
+    assert figure == rows[-1]["spearman"] == pytest.approx(np.mean(rows[-1]["spearman_draws"]))
+    assert len(rows[-1]["spearman_draws"]) == 3 and len(set(rows[-1]["spearman_draws"])) == 3  # three different weights
+    assert S.full_randomization_spearman(model, variables, images, targets, key(4), draws=3) != figure
+
+
+def test_table_sanity_column_is_the_cascades_last_row(tiny_resnet):
+    model, variables, images, targets = tiny_resnet
+    rows = T.evaluate_methods(
+        model, variables, images, targets, methods=("gradcam", "layercam"), key=key(0), cascade=("gradcam",),
+        steps=4, percentages=(0.3, 0.6), road_iters=20, batch_size=8, sanity_images=8, sanity_draws=2, step_batch=5,
+    )
+    gradcam, layercam = rows[0], rows[1]
+    assert gradcam["sanity_spearman"] == gradcam["sanity_cascade"][-1]["spearman"] and "sanity_cascade" not in layercam
+    k_sanity = jax.random.split(key(0), 3)[2]
+    assert gradcam["sanity_spearman"] == S.full_randomization_spearman(model, variables, images, targets, k_sanity, draws=2)
+
+
+def test_randomisation_check_falls_on_a_trained_model(smoke_workdir):
+    """On a trained model the maps must decorrelate once the weights are random, at every draw."""
+    from cifar_jax.augment import normalize
+    from cifar_jax.data import subsample
+    from cifar_jax.inference import load_run_data, load_trained
+
+    trained = load_trained(smoke_workdir)
+    ds = subsample(load_run_data(trained), 0, 32)
+    images = normalize(ds.test_images, trained.mean, trained.std)
+    rows = S.cascading_randomization(trained.model, trained.variables, images, ds.test_labels, key(0), draws=4)
+    assert rows[0]["spearman"] == 1.0
+    last = rows[-1]
+    assert last["spearman"] < 0.4 and max(last["spearman_draws"]) < 0.6, rows
+    assert max(r["spearman"] for r in rows[1:]) < 0.6, rows  # no step of the cascade stays near the trained maps
