@@ -2,10 +2,10 @@
 
     python benchmarks/deletion_baselines.py --workdir runs/w32 --images 200
 
-Deleted pixels take: "mean" (zeros in normalised space: the training mean colour, the default of
-``faithfulness.deletion_curve``), "black" (pixel value 0) or "blur" (the image blurred with sigma 4,
-the start of the insertion curve; Petsiuk et al. 2018 use a constant for deletion and a blur for
-insertion). Prints the mean AUC per (map, baseline) and the mean target probability after 5%, 10%, 25%
+Deleted pixels take: "mean" (zeros in normalised space: the training mean colour,
+``deletion_fill="mean"``), "black" (pixel value 0) or "blur" (the image blurred with sigma 4, the
+start of the insertion curve and the default of ``faithfulness.deletion_curve``; Petsiuk et al. 2018
+use a constant for deletion and a blur for insertion). Prints the mean AUC per (map, baseline) and the mean target probability after 5%, 10%, 25%
 of the pixels are deleted, the true classes explained, the run's predictor perturbed.
 """
 

@@ -84,7 +84,7 @@ def evaluate_methods(
       logits_fn: the predictor the metrics perturb (default ``model_logits_fn(model, variables)``;
         ``inference.TrainedModel.logits_fn`` adds flip averaging where the run used it).
       progress: show a tqdm bar over batches.
-      metric_kwargs: passed to ``image_metrics`` (steps, blur_sigma, percentages, noise, road_iters, step_batch).
+      metric_kwargs: passed to ``image_metrics`` (steps, blur_sigma, deletion_fill, percentages, noise, road_iters, step_batch).
 
     Returns:
       rows with "method", "images", the means of deletion_auc, insertion_auc, road_morf,

@@ -80,11 +80,13 @@ def test_right_map_has_near_ideal_scores(toy_metrics):
 def test_curve_endpoints_are_the_original_and_the_baseline(toy):
     images, targets, maps = toy
     p = lambda x: np.asarray(F.target_probability(toy_logits, x, targets))
-    deletion = np.asarray(F.deletion_curve(toy_logits, images, maps["random"], targets, steps=8))
+    deletion = np.asarray(F.deletion_curve(toy_logits, images, maps["random"], targets, steps=8, blur_sigma=2.0))
+    to_mean = np.asarray(F.deletion_curve(toy_logits, images, maps["random"], targets, steps=8, baseline=0.0))
     insertion = np.asarray(F.insertion_curve(toy_logits, images, maps["random"], targets, steps=8, blur_sigma=2.0))
     assert deletion.shape == insertion.shape == (N, 9)
     np.testing.assert_allclose(deletion[:, 0], p(images), atol=1e-6)
-    np.testing.assert_allclose(deletion[:, -1], p(jnp.zeros_like(images)), atol=1e-6)
+    np.testing.assert_allclose(deletion[:, -1], p(F.gaussian_blur(images, 2.0)), atol=1e-6)
+    np.testing.assert_allclose(to_mean[:, -1], p(jnp.zeros_like(images)), atol=1e-6)
     np.testing.assert_allclose(insertion[:, 0], p(F.gaussian_blur(images, 2.0)), atol=1e-6)
     np.testing.assert_allclose(insertion[:, -1], p(images), atol=1e-6)
 
@@ -261,3 +263,17 @@ def test_randomisation_check_falls_on_a_trained_model(smoke_workdir):
     last = rows[-1]
     assert last["spearman"] < 0.4 and max(last["spearman_draws"]) < 0.6, rows
     assert max(r["spearman"] for r in rows[1:]) < 0.6, rows  # no step of the cascade stays near the trained maps
+
+
+def test_deletion_fill_blur_by_default_mean_on_request(toy):
+    images, targets, maps = toy
+    k_rank = jax.random.split(key(2))[0]  # image_metrics' tie-breaking key
+    kw = dict(steps=8, percentages=(0.5,), road_iters=5)
+    blur = F.image_metrics(toy_logits, images, maps["random"], targets, key(2), blur_sigma=2.0, **kw)["deletion_auc"]
+    mean = F.image_metrics(toy_logits, images, maps["random"], targets, key(2), deletion_fill="mean", **kw)["deletion_auc"]
+    curve = lambda **b: F.auc(F.deletion_curve(toy_logits, images, maps["random"], targets, steps=8, key=k_rank, **b))
+    np.testing.assert_allclose(blur, curve(blur_sigma=2.0), atol=1e-6)
+    np.testing.assert_allclose(mean, curve(baseline=0.0), atol=1e-6)
+    assert not np.allclose(blur, mean)
+    with pytest.raises(ValueError, match="deletion_fill"):
+        F.image_metrics(toy_logits, images, maps["random"], targets, key(2), deletion_fill="zero", **kw)
