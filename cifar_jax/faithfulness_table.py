@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from cifar_jax import cam
 from cifar_jax.faithfulness import LogitsFn, gaussian_saliency, image_metrics, model_logits_fn, random_saliency
-from cifar_jax.sanity import SANITY_DRAWS, cascading_randomization, full_randomization_spearman
+from cifar_jax.sanity import SANITY_DRAWS, cascading_randomization, full_randomization_spearman, shared_pattern_spearman
 
 BASELINES = ("random", "gaussian")
 # Methods evaluated when none are named: Score-CAM needs K extra forward passes per image, so it is opt-in.
@@ -183,7 +183,12 @@ def trained_model_report(trained, images_uint8, labels, methods=None, seed: int 
         f"{SANITY_DRAWS} random re-initialisations of every layer of the mean Spearman vs the trained maps "
         f"({m} images).\n\n" + format_table(rows)
     )
+    null = None
     if cascade:
+        from cifar_jax.augment import normalize
+
+        null = shared_pattern_spearman(trained.model, trained.variables, normalize(images_uint8[:m], trained.mean, trained.std),
+                                       jnp.asarray(labels[:m], jnp.int32), method="gradcam", layer=layer)
         draws = len(cascade[0]["spearman_draws"])
         text += (
             f"\n\nGrad-CAM cascading randomisation sanity check on {m} images, {draws} re-initialisations "
@@ -191,6 +196,9 @@ def trained_model_report(trained, images_uint8, labels, methods=None, seed: int 
             "| layers randomised (top down) | Spearman vs trained, mean | min | max |\n|---|---:|---:|---:|\n"
             + "\n".join(f"| {r['randomized']} | {r['spearman']:.3f} | {min(r['spearman_draws']):.3f} | "
                         f"{max(r['spearman_draws']):.3f} |" for r in cascade)
+            + f"\n\nThe trained Grad-CAM maps of different images (i vs i - 1) correlate {null:.3f}: the spatial "
+            "pattern all maps share, the level a map that lost what is specific to its image sits near."
         )
-    record = {"num_images": len(labels), "layer": layer, "seed": seed, "rows": rows, "cascade": cascade or []}
+    record = {"num_images": len(labels), "layer": layer, "seed": seed, "rows": rows, "cascade": cascade or [],
+              "different_images_spearman": null}
     return text + "\n", record

@@ -146,3 +146,19 @@ def full_randomization_spearman(model, variables, images, targets, key, *, metho
     table = randomized_spearmans(model, variables, images, targets, key, [tuple(PARAM_GROUPS)], method=method,
                                  layer=layer, draws=draws, batch_size=batch_size)
     return float(table[0].mean())
+
+
+def different_images_spearman(maps) -> float:
+    """Mean Spearman between the maps of image i and image i - 1 (cyclically): (N, H, W) -> float.
+
+    The spatial pattern all maps share (the null the sanity figure is read against): 1 for N copies of
+    one map, about 0 for independent maps.
+    """
+    return float(jnp.nanmean(spearman(maps, jnp.roll(maps, 1, axis=0))))
+
+
+def shared_pattern_spearman(model, variables, images, targets, *, method="gradcam", layer="layer4", batch_size=256) -> float:
+    """``different_images_spearman`` of the method's maps of the (N, H, W, 3) images under ``variables``."""
+    images = jnp.asarray(images, jnp.float32)
+    targets = jnp.asarray(targets, jnp.int32)
+    return different_images_spearman(_maps_in_batches(model, variables, images, targets, method=method, layer=layer, batch_size=batch_size))

@@ -277,3 +277,12 @@ def test_deletion_fill_blur_by_default_mean_on_request(toy):
     assert not np.allclose(blur, mean)
     with pytest.raises(ValueError, match="deletion_fill"):
         F.image_metrics(toy_logits, images, maps["random"], targets, key(2), deletion_fill="zero", **kw)
+
+
+def test_different_images_spearman_measures_the_shared_pattern():
+    one = jax.random.uniform(key(0), (1, 8, 8))
+    assert S.different_images_spearman(jnp.repeat(one, 4, axis=0)) == pytest.approx(1.0)
+    independent = jax.random.uniform(key(1), (64, 8, 8))
+    assert abs(S.different_images_spearman(independent)) < 0.05
+    shared = 0.5 * independent + jnp.repeat(one, 64, axis=0)  # one pattern plus image-specific noise
+    assert 0.5 < S.different_images_spearman(shared) < 1.0
