@@ -7,7 +7,10 @@ returns per-image arrays; a table is their mean over images.
 
 * Deletion / insertion AUC (Petsiuk et al. 2018): remove (or insert) pixels in
   order of saliency and integrate the target probability. Deletion lower,
-  insertion higher = more faithful.
+  insertion higher = more faithful. Both move between the image and its blur:
+  deleted pixels take the blurred image's values (a constant colour, the paper's
+  deletion, scatters out-of-distribution pixels that a random order exploits;
+  docs/faithfulness.md).
 * ROAD (Rong et al. 2022): remove the most (MoRF) or least (LeRF) relevant
   pixels, fill them by noisy linear imputation, read the target probability.
   MoRF lower, LeRF higher = more faithful.
@@ -137,15 +140,18 @@ def _perturbation_curve(logits_fn, start, end, ranks, targets, *, steps, step_ba
     return chunked_map(jax.vmap(one_step), counts, step_batch).T
 
 
-def deletion_curve(logits_fn: LogitsFn, images, saliency, targets, *, steps: int = 32, baseline=None, key=None, step_batch: int = 4):
+def deletion_curve(
+    logits_fn: LogitsFn, images, saliency, targets, *, steps: int = 32, baseline=None, blur_sigma: float = 4.0, key=None, step_batch: int = 4
+):
     """Deletion curve (Petsiuk et al. 2018): (N, H, W, C), (N, H, W), (N,) -> (N, steps + 1).
 
     Entry i is the target probability after the ``i / steps`` most salient pixels are
-    replaced by ``baseline`` (N, H, W, C) (default zeros: the mean colour in normalised space).
+    replaced by ``baseline`` (N, H, W, C) or broadcastable (default: the image blurred with
+    ``blur_sigma`` pixels, the insertion curve's start; ``0.0`` is the mean colour in normalised space).
     ``key`` breaks saliency ties at random; ``step_batch`` steps share one forward pass.
     """
     images = jnp.asarray(images, jnp.float32)
-    baseline = jnp.zeros_like(images) if baseline is None else jnp.broadcast_to(baseline, images.shape)
+    baseline = gaussian_blur(images, blur_sigma) if baseline is None else jnp.broadcast_to(baseline, images.shape)
     ranks = pixel_ranks(saliency, key)
     targets = jnp.asarray(targets, jnp.int32)
     return _perturbation_curve(_as_partial(logits_fn), images, baseline, ranks, targets, steps=steps, step_batch=step_batch)
@@ -307,6 +313,7 @@ def image_metrics(
     *,
     steps: int = 32,
     blur_sigma: float = 4.0,
+    deletion_fill: str = "blur",
     percentages: Sequence[float] = ROAD_PERCENTAGES,
     noise: float = 0.01,
     road_iters: int = 100,
@@ -316,16 +323,22 @@ def image_metrics(
 ) -> dict:
     """Every metric for one batch: (N, H, W, C), (N, H, W), (N,) -> dict of per-image arrays.
 
+    ``deletion_fill``: what deleted pixels take, "blur" (the image blurred with ``blur_sigma``, the
+    insertion curve's start) or "mean" (the mean colour: zeros in normalised space).
+
     Keys: deletion_auc, insertion_auc, average_drop, increase_confidence (N,) and
     road_morf, road_lerf (N, P). Use the same ``key`` for every method compared
     (common random numbers: the same noise and tie-breaking).
     """
+    if deletion_fill not in ("blur", "mean"):
+        raise ValueError(f"deletion_fill must be 'blur' or 'mean', not {deletion_fill!r}")
     k_rank, k_road = jax.random.split(key)
     common = dict(steps=steps, key=k_rank, step_batch=step_batch)
     road = dict(percentages=percentages, noise=noise, iters=road_iters, step_batch=step_batch)
     drop, increase = average_drop_increase(logits_fn, images, saliency, targets, mean=mean, std=std)
     return {
-        "deletion_auc": auc(deletion_curve(logits_fn, images, saliency, targets, **common)),
+        "deletion_auc": auc(deletion_curve(logits_fn, images, saliency, targets, blur_sigma=blur_sigma,
+                                           baseline=0.0 if deletion_fill == "mean" else None, **common)),
         "insertion_auc": auc(insertion_curve(logits_fn, images, saliency, targets, blur_sigma=blur_sigma, **common)),
         "road_morf": road_curve(logits_fn, images, saliency, targets, k_road, order="morf", **road),
         "road_lerf": road_curve(logits_fn, images, saliency, targets, k_road, order="lerf", **road),

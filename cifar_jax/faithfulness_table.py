@@ -1,7 +1,7 @@
 """The faithfulness table: every CAM method and two baselines scored on the same images by every metric.
 
 ``evaluate_methods`` gives one row per method (means of ``faithfulness.image_metrics`` plus the
-``sanity`` check's full-randomisation Spearman); ``format_table`` prints the rows as markdown;
+``sanity`` figure, ``sanity.full_randomization_spearman``); ``format_table`` prints the rows as markdown;
 ``trained_model_report`` is what ``python -m cifar_jax.explain --evaluate`` writes::
 
     rows = evaluate_methods(model, variables, images, labels, key=jax.random.key(0))
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from cifar_jax import cam
 from cifar_jax.faithfulness import LogitsFn, gaussian_saliency, image_metrics, model_logits_fn, random_saliency
-from cifar_jax.sanity import cascading_randomization, full_randomization_spearman
+from cifar_jax.sanity import SANITY_DRAWS, cascading_randomization, full_randomization_spearman, shared_pattern_spearman
 
 BASELINES = ("random", "gaussian")
 # Methods evaluated when none are named: Score-CAM needs K extra forward passes per image, so it is opt-in.
@@ -62,6 +62,8 @@ def evaluate_methods(
     std=None,
     batch_size: int = 100,
     sanity_images: int = 100,
+    sanity_draws: int = SANITY_DRAWS,
+    cascade: Sequence[str] = (),
     logits_fn: LogitsFn | None = None,
     progress: bool = False,
     **metric_kwargs,
@@ -76,15 +78,19 @@ def evaluate_methods(
       mean, std: (C,) normalisation, for average drop in pixel space (else normalised space).
       batch_size: images per compiled call.
       sanity_images: images for the sanity check (0 skips it; column then NaN).
+      sanity_draws: random re-initialisations the sanity figure averages (``sanity.full_randomization_spearman``).
+      cascade: methods whose row also gets "sanity_cascade", the ``sanity.cascading_randomization`` rows
+        computed with the same key and weights; its last row is then their sanity_spearman.
       logits_fn: the predictor the metrics perturb (default ``model_logits_fn(model, variables)``;
         ``inference.TrainedModel.logits_fn`` adds flip averaging where the run used it).
       progress: show a tqdm bar over batches.
-      metric_kwargs: passed to ``image_metrics`` (steps, blur_sigma, percentages, noise, road_iters, step_batch).
+      metric_kwargs: passed to ``image_metrics`` (steps, blur_sigma, deletion_fill, percentages, noise, road_iters, step_batch).
 
     Returns:
       rows with "method", "images", the means of deletion_auc, insertion_auc, road_morf,
-      road_lerf, average_drop, increase_confidence, sanity_spearman (Spearman after
-      randomising every layer; 1.0 for the model-independent baselines) and the mean
+      road_lerf, average_drop, increase_confidence, sanity_spearman (mean Spearman vs the maps
+      after re-initialising every layer, over ``sanity_draws`` re-initialisations drawn from the key's
+      third split; 1.0 for the model-independent baselines) and the mean
       ROAD curves "road_morf_curve", "road_lerf_curve" (lists over percentages).
     """
     from tqdm.auto import tqdm
@@ -118,9 +124,12 @@ def evaluate_methods(
             row["sanity_spearman"] = float("nan")
         else:
             m = min(sanity_images, n)
-            row["sanity_spearman"] = full_randomization_spearman(
-                model, variables, images[:m], targets[:m], k_sanity, method=name, layer=layer, batch_size=batch_size
-            )
+            check = dict(method=name, layer=layer, draws=sanity_draws, batch_size=batch_size)
+            if name in cascade:
+                row["sanity_cascade"] = cascading_randomization(model, variables, images[:m], targets[:m], k_sanity, **check)
+                row["sanity_spearman"] = row["sanity_cascade"][-1]["spearman"]
+            else:
+                row["sanity_spearman"] = full_randomization_spearman(model, variables, images[:m], targets[:m], k_sanity, **check)
         row["road_morf_curve"] = [float(v) for v in metrics["road_morf"].mean(0)]
         row["road_lerf_curve"] = [float(v) for v in metrics["road_lerf"].mean(0)]
         rows.append(row)
@@ -161,24 +170,35 @@ def trained_model_report(trained, images_uint8, labels, methods=None, seed: int 
                          progress: bool = False, sanity_images: int = 100) -> tuple[str, dict]:
     """The faithfulness table of a trained model plus Grad-CAM's cascading randomisation.
 
+    The cascade is computed with the table's key and weights, so its last row is Grad-CAM's sanity_spearman.
     Returns (markdown text, JSON-able record with the rows and the cascade).
     """
-    from cifar_jax.augment import normalize
-
-    rows = evaluate_trained(trained, images_uint8, labels, methods=methods, seed=seed, layer=layer, progress=progress)
+    rows = evaluate_trained(trained, images_uint8, labels, methods=methods, seed=seed, layer=layer, progress=progress,
+                            sanity_images=sanity_images, cascade=("gradcam",))
+    cascade = next((row.pop("sanity_cascade") for row in rows if "sanity_cascade" in row), None)
     m = min(sanity_images, len(labels))
-    cascade = cascading_randomization(
-        trained.model, trained.variables, normalize(images_uint8[:m], trained.mean, trained.std),
-        labels[:m], jax.random.key(seed), method="gradcam", layer=layer,
-    )
-    cascade_table = "| layers randomised (top down) | Spearman vs trained |\n|---|---:|\n" + "\n".join(
-        f"| {r['randomized']} | {r['spearman']:.3f} |" for r in cascade
-    )
     text = (
         f"Faithfulness on {len(labels)} test images (class-balanced, true labels explained), "
-        f"layer {layer}, seed {seed}. Arrows: which way is better.\n\n"
-        + format_table(rows)
-        + f"\n\nGrad-CAM cascading randomisation sanity check on {m} images:\n\n" + cascade_table + "\n"
+        f"layer {layer}, seed {seed}. Arrows: which way is better. sanity_spearman: mean over "
+        f"{SANITY_DRAWS} random re-initialisations of every layer of the mean Spearman vs the trained maps "
+        f"({m} images).\n\n" + format_table(rows)
     )
-    record = {"num_images": len(labels), "layer": layer, "seed": seed, "rows": rows, "cascade": cascade}
-    return text, record
+    null = None
+    if cascade:
+        from cifar_jax.augment import normalize
+
+        null = shared_pattern_spearman(trained.model, trained.variables, normalize(images_uint8[:m], trained.mean, trained.std),
+                                       jnp.asarray(labels[:m], jnp.int32), method="gradcam", layer=layer)
+        draws = len(cascade[0]["spearman_draws"])
+        text += (
+            f"\n\nGrad-CAM cascading randomisation sanity check on {m} images, {draws} re-initialisations "
+            "(the table's; the last row is its sanity_spearman):\n\n"
+            "| layers randomised (top down) | Spearman vs trained, mean | min | max |\n|---|---:|---:|---:|\n"
+            + "\n".join(f"| {r['randomized']} | {r['spearman']:.3f} | {min(r['spearman_draws']):.3f} | "
+                        f"{max(r['spearman_draws']):.3f} |" for r in cascade)
+            + f"\n\nThe trained Grad-CAM maps of different images (i vs i - 1) correlate {null:.3f}: the spatial "
+            "pattern all maps share, the level a map that lost what is specific to its image sits near."
+        )
+    record = {"num_images": len(labels), "layer": layer, "seed": seed, "rows": rows, "cascade": cascade or [],
+              "different_images_spearman": null}
+    return text + "\n", record

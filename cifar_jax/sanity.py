@@ -4,6 +4,11 @@ Re-initialise the model's layers (all at once, or top down one group at a time: 
 randomised model's maps with the trained model's by Spearman rank correlation; a method whose maps really
 depend on the weights falls well below 1. Parameters and BatchNorm statistics are re-initialised with the
 model's own initialisers (``model.init``).
+
+One draw of random weights gives every image the same random network, whose maps share one spatial
+pattern; its correlation with the trained maps' shared pattern (objects sit near the centre) does not
+average out over images. So the sanity figure averages ``SANITY_DRAWS`` re-initialisations, and the
+cascade's rows and the figure use the same keys and weights: its last row is the figure.
 """
 
 from __future__ import annotations
@@ -73,41 +78,87 @@ def _maps_in_batches(model, variables, images, targets, *, method, layer, batch_
     return jnp.concatenate(parts)
 
 
-def cascading_randomization(
-    model, variables, images, targets, key, *, method: str = "gradcam", layer: str = "layer4",
-    groups: Sequence[str] = PARAM_GROUPS, batch_size: int = 256,
-) -> list[dict]:
-    """Adebayo et al. (2018) cascading randomisation: list of {"randomized", "spearman"} rows.
+SANITY_DRAWS = 8  # random re-initialisations averaged by the sanity figure (docs/faithfulness.md)
+
+
+def sanity_keys(key, draws: int = SANITY_DRAWS):
+    """The (draws,) keys of the re-initialised weights: one ``fresh_variables`` per key."""
+    return jax.random.split(key, draws)
+
+
+def randomized_spearmans(
+    model, variables, images, targets, key, steps: Sequence[Sequence[str]], *, method: str = "gradcam",
+    layer: str = "layer4", draws: int = SANITY_DRAWS, batch_size: int = 256,
+):
+    """Mean-over-images Spearman of each randomised model's maps vs the trained model's: (len(steps), draws).
 
     Args:
-      model, variables: a ResNet from ``cifar_jax.models`` and its (trained) variables.
       images: (N, H, W, 3) normalised; targets: (N,) int classes, kept fixed throughout.
-      key: PRNG key of the re-initialised weights.
-      groups: top-down order; row i randomises groups[:i] (row 0, "none", is the reference).
+      key: split by ``sanity_keys`` into ``draws`` keys; draw d re-initialises with ``fresh_variables(model, keys[d])``.
+      steps: step s re-initialises the groups ``steps[s]`` (names in PARAM_GROUPS); every step of a draw
+        takes its new values from the same fresh variables.
 
-    ``spearman`` is the mean (over images with non-constant maps) rank correlation
-    between each randomised model's map and the trained model's map; a method that
-    really depends on the weights falls well below 1.
+    Maps are the method's (N, H, W) ``cam.saliency_maps`` (upsampled, min-max scaled), the maps the
+    perturbation metrics score; images whose randomised map is constant (no ranks) are left out of the mean.
     """
     images = jnp.asarray(images, jnp.float32)
     targets = jnp.asarray(targets, jnp.int32)
     maps = functools.partial(_maps_in_batches, model, images=images, targets=targets, method=method, layer=layer, batch_size=batch_size)
     reference = maps(variables)
-    fresh = fresh_variables(model, key, images.shape[1:])  # one init serves every step of the cascade
-    rows = [{"randomized": "none", "spearman": float(jnp.nanmean(spearman(reference, reference)))}]
-    for i in range(1, len(groups) + 1):
-        randomized = _replace_groups(variables, fresh, groups[:i])
-        rows.append({"randomized": "+".join(groups[:i]), "spearman": float(jnp.nanmean(spearman(reference, maps(randomized))))})
+    out = []
+    for k in sanity_keys(key, draws):
+        fresh = fresh_variables(model, k, images.shape[1:])
+        out.append([float(jnp.nanmean(spearman(reference, maps(_replace_groups(variables, fresh, g))))) for g in steps])
+    return jnp.asarray(out).T
+
+
+def cascading_randomization(
+    model, variables, images, targets, key, *, method: str = "gradcam", layer: str = "layer4",
+    groups: Sequence[str] = PARAM_GROUPS, draws: int = SANITY_DRAWS, batch_size: int = 256,
+) -> list[dict]:
+    """Adebayo et al. (2018) cascading randomisation: list of {"randomized", "spearman", "spearman_draws"} rows.
+
+    Args:
+      model, variables: a ResNet from ``cifar_jax.models`` and its (trained) variables.
+      images: (N, H, W, 3) normalised; targets: (N,) int classes, kept fixed throughout.
+      key: PRNG key of the re-initialised weights (``draws`` of them, see ``randomized_spearmans``).
+      groups: top-down order; row i randomises groups[:i] (row 0, "none", is the reference).
+
+    ``spearman`` is the mean over the draws of the mean (over images with non-constant maps) rank
+    correlation between the randomised model's maps and the trained model's; ``spearman_draws`` lists
+    the draws. With the default groups the last row is ``full_randomization_spearman`` for the same key.
+    """
+    steps = [tuple(groups[:i]) for i in range(1, len(groups) + 1)]
+    table = randomized_spearmans(model, variables, images, targets, key, steps, method=method, layer=layer,
+                                 draws=draws, batch_size=batch_size)
+    rows = [{"randomized": "none", "spearman": 1.0, "spearman_draws": [1.0] * draws}]
+    for g, per_draw in zip(steps, table):
+        rows.append({"randomized": "+".join(g), "spearman": float(per_draw.mean()), "spearman_draws": [float(v) for v in per_draw]})
     return rows
 
 
-def full_randomization_spearman(model, variables, images, targets, key, *, method="gradcam", layer="layer4", batch_size=256) -> float:
-    """Mean Spearman correlation between the maps (N images) of the model and of a fully re-initialised copy.
+def full_randomization_spearman(model, variables, images, targets, key, *, method="gradcam", layer="layer4",
+                                draws: int = SANITY_DRAWS, batch_size=256) -> float:
+    """The sanity figure: mean over ``draws`` fully re-initialised copies of the mean Spearman between their maps and the model's.
 
-    The last row of ``cascading_randomization`` without the intermediate steps.
+    The last row of ``cascading_randomization`` (same key, same weights) without the intermediate steps.
     """
+    table = randomized_spearmans(model, variables, images, targets, key, [tuple(PARAM_GROUPS)], method=method,
+                                 layer=layer, draws=draws, batch_size=batch_size)
+    return float(table[0].mean())
+
+
+def different_images_spearman(maps) -> float:
+    """Mean Spearman between the maps of image i and image i - 1 (cyclically): (N, H, W) -> float.
+
+    The spatial pattern all maps share (the null the sanity figure is read against): 1 for N copies of
+    one map, about 0 for independent maps.
+    """
+    return float(jnp.nanmean(spearman(maps, jnp.roll(maps, 1, axis=0))))
+
+
+def shared_pattern_spearman(model, variables, images, targets, *, method="gradcam", layer="layer4", batch_size=256) -> float:
+    """``different_images_spearman`` of the method's maps of the (N, H, W, 3) images under ``variables``."""
     images = jnp.asarray(images, jnp.float32)
     targets = jnp.asarray(targets, jnp.int32)
-    maps = functools.partial(_maps_in_batches, model, images=images, targets=targets, method=method, layer=layer, batch_size=batch_size)
-    randomized = randomize_params(model, variables, PARAM_GROUPS, key, images.shape[1:])
-    return float(jnp.nanmean(spearman(maps(variables), maps(randomized))))
+    return different_images_spearman(_maps_in_batches(model, variables, images, targets, method=method, layer=layer, batch_size=batch_size))

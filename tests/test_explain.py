@@ -129,6 +129,9 @@ def test_evaluate_writes_a_faithfulness_table(smoke_workdir, tmp_path, capsys):
     assert "cascading randomisation" in out and "head+layer4" in table
     record = __import__("json").loads((tmp_path / "faithfulness.json").read_text())
     assert record["num_images"] == 8 and len(record["rows"]) == 4 and record["cascade"][0]["spearman"] > 0.99
+    gradcam = next(row for row in record["rows"] if row["method"] == "gradcam")
+    assert gradcam["sanity_spearman"] == record["cascade"][-1]["spearman"]  # one figure: table column = cascade's last row
+    assert -1.0 <= record["different_images_spearman"] <= 1.0 and "maps of different images" in table
 
 
 def test_list_layers_and_any_module_path(smoke_workdir, tmp_path, capsys):

@@ -80,11 +80,13 @@ def test_right_map_has_near_ideal_scores(toy_metrics):
 def test_curve_endpoints_are_the_original_and_the_baseline(toy):
     images, targets, maps = toy
     p = lambda x: np.asarray(F.target_probability(toy_logits, x, targets))
-    deletion = np.asarray(F.deletion_curve(toy_logits, images, maps["random"], targets, steps=8))
+    deletion = np.asarray(F.deletion_curve(toy_logits, images, maps["random"], targets, steps=8, blur_sigma=2.0))
+    to_mean = np.asarray(F.deletion_curve(toy_logits, images, maps["random"], targets, steps=8, baseline=0.0))
     insertion = np.asarray(F.insertion_curve(toy_logits, images, maps["random"], targets, steps=8, blur_sigma=2.0))
     assert deletion.shape == insertion.shape == (N, 9)
     np.testing.assert_allclose(deletion[:, 0], p(images), atol=1e-6)
-    np.testing.assert_allclose(deletion[:, -1], p(jnp.zeros_like(images)), atol=1e-6)
+    np.testing.assert_allclose(deletion[:, -1], p(F.gaussian_blur(images, 2.0)), atol=1e-6)
+    np.testing.assert_allclose(to_mean[:, -1], p(jnp.zeros_like(images)), atol=1e-6)
     np.testing.assert_allclose(insertion[:, 0], p(F.gaussian_blur(images, 2.0)), atol=1e-6)
     np.testing.assert_allclose(insertion[:, -1], p(images), atol=1e-6)
 
@@ -224,3 +226,63 @@ def test_evaluate_methods_table(tiny_resnet):
     assert rows[1]["sanity_spearman"] == 1.0 and rows[0]["sanity_spearman"] < 1.0
     table = T.format_table(rows).splitlines()
     assert len(table) == 5 and "deletion_auc ↓" in table[0] and table[2].startswith("| gradcam | 8 |")
+
+
+def test_sanity_figure_is_the_cascades_last_row(tiny_resnet):
+    model, variables, images, targets = tiny_resnet
+    rows = S.cascading_randomization(model, variables, images, targets, key(3), draws=3)
+    figure = S.full_randomization_spearman(model, variables, images, targets, key(3), draws=3)
+    assert figure == rows[-1]["spearman"] == pytest.approx(np.mean(rows[-1]["spearman_draws"]))
+    assert len(rows[-1]["spearman_draws"]) == 3 and len(set(rows[-1]["spearman_draws"])) == 3  # three different weights
+    assert S.full_randomization_spearman(model, variables, images, targets, key(4), draws=3) != figure
+
+
+def test_table_sanity_column_is_the_cascades_last_row(tiny_resnet):
+    model, variables, images, targets = tiny_resnet
+    rows = T.evaluate_methods(
+        model, variables, images, targets, methods=("gradcam", "layercam"), key=key(0), cascade=("gradcam",),
+        steps=4, percentages=(0.3, 0.6), road_iters=20, batch_size=8, sanity_images=8, sanity_draws=2, step_batch=5,
+    )
+    gradcam, layercam = rows[0], rows[1]
+    assert gradcam["sanity_spearman"] == gradcam["sanity_cascade"][-1]["spearman"] and "sanity_cascade" not in layercam
+    k_sanity = jax.random.split(key(0), 3)[2]
+    assert gradcam["sanity_spearman"] == S.full_randomization_spearman(model, variables, images, targets, k_sanity, draws=2)
+
+
+def test_randomisation_check_falls_on_a_trained_model(smoke_workdir):
+    """On a trained model the maps must decorrelate once the weights are random, at every draw."""
+    from cifar_jax.augment import normalize
+    from cifar_jax.data import subsample
+    from cifar_jax.inference import load_run_data, load_trained
+
+    trained = load_trained(smoke_workdir)
+    ds = subsample(load_run_data(trained), 0, 32)
+    images = normalize(ds.test_images, trained.mean, trained.std)
+    rows = S.cascading_randomization(trained.model, trained.variables, images, ds.test_labels, key(0), draws=4)
+    assert rows[0]["spearman"] == 1.0
+    last = rows[-1]
+    assert last["spearman"] < 0.4 and max(last["spearman_draws"]) < 0.6, rows
+    assert max(r["spearman"] for r in rows[1:]) < 0.6, rows  # no step of the cascade stays near the trained maps
+
+
+def test_deletion_fill_blur_by_default_mean_on_request(toy):
+    images, targets, maps = toy
+    k_rank = jax.random.split(key(2))[0]  # image_metrics' tie-breaking key
+    kw = dict(steps=8, percentages=(0.5,), road_iters=5)
+    blur = F.image_metrics(toy_logits, images, maps["random"], targets, key(2), blur_sigma=2.0, **kw)["deletion_auc"]
+    mean = F.image_metrics(toy_logits, images, maps["random"], targets, key(2), deletion_fill="mean", **kw)["deletion_auc"]
+    curve = lambda **b: F.auc(F.deletion_curve(toy_logits, images, maps["random"], targets, steps=8, key=k_rank, **b))
+    np.testing.assert_allclose(blur, curve(blur_sigma=2.0), atol=1e-6)
+    np.testing.assert_allclose(mean, curve(baseline=0.0), atol=1e-6)
+    assert not np.allclose(blur, mean)
+    with pytest.raises(ValueError, match="deletion_fill"):
+        F.image_metrics(toy_logits, images, maps["random"], targets, key(2), deletion_fill="zero", **kw)
+
+
+def test_different_images_spearman_measures_the_shared_pattern():
+    one = jax.random.uniform(key(0), (1, 8, 8))
+    assert S.different_images_spearman(jnp.repeat(one, 4, axis=0)) == pytest.approx(1.0)
+    independent = jax.random.uniform(key(1), (64, 8, 8))
+    assert abs(S.different_images_spearman(independent)) < 0.05
+    shared = 0.5 * independent + jnp.repeat(one, 64, axis=0)  # one pattern plus image-specific noise
+    assert 0.5 < S.different_images_spearman(shared) < 1.0
