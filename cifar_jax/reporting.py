@@ -19,7 +19,7 @@ import numpy as np
 
 from cifar_jax import inference, viz
 from cifar_jax.errors import UserError
-from cifar_jax.files import atomic_path, write_text_atomic
+from cifar_jax.files import write_text_atomic
 
 REPORT_FILES = ("curves.png", "confusion_matrix.png", "misclassified.png", "gradcam.png", "classification_reports.md", "model_summary.txt")
 
@@ -118,11 +118,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:  # A failed or interrupted write leaves the old picture.
-            fig.savefig(tmp, dpi=90)
-    finally:
-        plt.close(fig)
+    viz.save_figure(fig, path, dpi=90, palette=False)
 
 
 def plot_confusion(labels, predictions, class_names, path: Path) -> None:
@@ -137,11 +133,7 @@ def plot_confusion(labels, predictions, class_names, path: Path) -> None:
     )
     ax.set_title("Confusion matrix (test set)")
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:  # A failed or interrupted write leaves the old picture.
-            fig.savefig(tmp, dpi=80)
-    finally:
-        plt.close(fig)
+    viz.save_figure(fig, path, dpi=80, palette=False)
 
 
 def environment() -> dict:

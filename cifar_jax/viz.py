@@ -88,13 +88,7 @@ def image_grid(
         fig.subplots_adjust(right=0.93)
         scale = fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), colormap), cax=fig.add_axes([0.945, 0.2, 0.012, 0.6]))
         scale.set_label("relevance", fontsize=8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(path, suffix=".png") as tmp:  # A failed or interrupted write leaves the old picture.
-            fig.savefig(tmp, dpi=90)
-            shrink_png(tmp)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def explanation_figure(path, image, picture, title: str, picture_title: str, colorbar: bool = True,
@@ -124,11 +118,20 @@ def explanation_figure(path, image, picture, title: str, picture_title: str, col
         scale = fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), colormap), ax=[left, right], fraction=0.03, pad=0.02)
         scale.set_label("relevance (0 = none, 1 = the map's maximum)", fontsize=8)
     fig.suptitle(title, fontsize=10)
+    save_figure(fig, path, dpi=100)
+
+
+def save_figure(fig, path, dpi: int, palette: bool = True) -> None:
+    """Writes a matplotlib figure as a PNG atomically (a failed or interrupted write leaves the old picture) and
+    closes it; ``palette`` re-saves it with 256 colours (``shrink_png``), for grids of photos."""
+    import matplotlib.pyplot as plt
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_path(path, suffix=".png") as tmp:  # A failed or interrupted write leaves the old picture.
-            fig.savefig(tmp, dpi=100)
-            shrink_png(tmp)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+            if palette:
+                shrink_png(tmp)
     finally:
         plt.close(fig)
 
