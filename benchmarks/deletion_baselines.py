@@ -43,7 +43,7 @@ def main():
     for start in range(0, args.images, args.batch):
         x, t = images[start : start + args.batch], targets[start : start + args.batch]
         maps = {
-            "gradcam": cam.saliency_maps("gradcam", trained.model, trained.variables, x, t),
+            "gradcam": cam.saliency_maps("gradcam", trained.network, trained.variables, x, t),
             "random": F.random_saliency(jax.random.key(start), x.shape[:3]),
             "gaussian": F.gaussian_saliency(x.shape[:3]),
         }
@@ -51,7 +51,7 @@ def main():
         k = jax.random.key(1000 + start)
         for m, sal in maps.items():
             for b, base in bases.items():
-                c = F.deletion_curve(trained.logits_fn, x, sal, t, steps=STEPS, baseline=base, key=k)
+                c = F.deletion_curve(F.model_logits_fn(trained.network, trained.variables), x, sal, t, steps=STEPS, baseline=base, key=k)
                 curves.setdefault((m, b), []).append(np.asarray(c))
     print(f"{args.images} test images, true classes, {STEPS} steps; AUC (lower = more faithful) and p(target) after deleting 0/5/10/25%")
     print("| map | baseline | deletion AUC | p 0% | p 5% | p 10% | p 25% |\n|---|---|---:|---:|---:|---:|---:|")

@@ -5,28 +5,11 @@
 #   2. where the cold start goes: experiments/resnet18.py for one epoch, no report, each time with empty compile
 #      caches: as it is, then with one compile-time change each (XLA autotuning level 1, Triton GEMMs off, the
 #      evaluation batch equal to the training batch); each prints its Time: line
-# Run from the project root with these beside the project (the GPU machine has no internet):
-#   .carry/cifar10-jpg.tar.gz          a copy of ../shared/data/cifar10-jpg.tar.gz
-#   .carry/whl/ml_collections-*.whl    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#                                        --implementation cp --platform manylinux2014_x86_64 -d .carry/whl ml-collections==1.1.0
+# Run from the project root with what benchmarks/gpu_env.sh names beside the project,
 # then `bash benchmarks/gpu_session.sh` (device tool: carry .carry, timeout 580 s). SMOKE=1 dry-runs every step on
 # a CPU at smoke size. Results go to $OUT: summary.txt, env.txt, runs.tar.gz (sweep table, the runs' metrics and
 # logs, no checkpoints), logs.tar.gz.
-set -u
-ROOT=$(pwd); OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"; L=/tmp/gpu_logs; rm -rf $L /tmp/runs; mkdir -p $L /tmp/runs
-T0=$(date +%s); BUDGET=${BUDGET:-560}; SMOKE=${SMOKE:-0}
-el() { echo $(( $(date +%s) - T0 )); }
-cap() { local a=$(( BUDGET - $(el) )); echo $(( a < $1 ? a : $1 )); }
-log() { echo "[$(el)s] $*" | tee -a "$OUT/summary.txt"; }
-DATA=${DATA:-$ROOT/.carry/cifar10-jpg.tar.gz}
-export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$ROOT"
-PY=${PY:-python3}
-
-if ls .carry/whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/whl/*.whl >/dev/null 2>&1
-fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; } > "$OUT/env.txt" 2>&1
-$PY -c "import importlib.metadata as m, jax; print({p: m.version(p) for p in ('jax','jaxlib','flax','optax','orbax-checkpoint','torch')}, jax.devices())" >> "$OUT/env.txt" 2>&1 || log "imports failed (env.txt)"
+source "$(dirname "$0")/gpu_env.sh"
 (nvidia-smi dmon -s um -o T -d 1 > $L/dmon.txt 2>&1 &) ; 
 
 if [ "$SMOKE" = 1 ]; then

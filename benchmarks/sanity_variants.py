@@ -67,7 +67,7 @@ def main():
     ds = subsample(load_run_data(trained, args.data), 0, args.images)
     images = jnp.asarray(normalize(ds.test_images, trained.mean, trained.std), jnp.float32)
     targets = jnp.asarray(ds.test_labels, jnp.int32)
-    model, variables = trained.model, trained.variables
+    model, variables = trained.network, trained.variables
     ref = variants(model, variables, images, targets, args.layer)
 
     # Null: trained maps of different images (image i vs image i+1).

@@ -274,7 +274,7 @@ def _short(e: BaseException) -> str:
 # The keys of a step's meta, with their JSON types: the ones every reader needs, and the others this version
 # writes. A key outside both (or of another type) means another version wrote the step: it is damaged here.
 REQUIRED_META = {"config": dict, "class_names": list, "mean": list, "std": list}
-OPTIONAL_META = {"num_train": int, "num_test": int, "history": list, "progress": dict, "checksums": dict, "conv": str}
+OPTIONAL_META = {"num_train": int, "num_test": int, "history": list, "progress": dict, "checksums": dict, "conv": str, "backend": str}
 # What resuming a run needs besides: its history and where it stopped (the fields of progress.Progress).
 TRAINING_META = ("history", "progress")
 PROGRESS_FIELDS = {"epoch": int, "step_in_epoch": int, "loss_sum": (int, float), "correct": int, "count": int}

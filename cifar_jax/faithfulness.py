@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from cifar_jax.cam.ops import EPS, chunked_map
+from cifar_jax.cam.ops import EPS, chunked_map, over_flat_batch
 from cifar_jax.models import EvalLogits
 
 LogitsFn = Callable[[jax.Array], jax.Array]  # (B, H, W, C) normalised images -> (B, classes) logits
@@ -70,6 +70,11 @@ def target_probability(logits_fn: LogitsFn, images, targets):
     """Softmax probability of each image's target class: (N, H, W, C), (N,) -> (N,)."""
     logits = jnp.asarray(logits_fn(images), jnp.float32)
     return jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), targets[:, None], axis=-1)[:, 0]
+
+
+def _target_probabilities(logits_fn: LogitsFn, versions, targets):
+    """``target_probability`` of P versions of N images, all in one batch: (P, N, H, W, C), (N,) -> (P, N)."""
+    return over_flat_batch(lambda x: target_probability(logits_fn, x, jnp.tile(targets, versions.shape[0])), versions)
 
 
 def random_saliency(key, shape: Sequence[int]):
@@ -132,12 +137,12 @@ def _counts(fractions, ranks) -> np.ndarray:
 def _perturbation_curve(logits_fn, start, end, ranks, targets, *, steps, step_batch):
     """Target probability as the pixels of rank < k switch from ``start`` to ``end``: (N, steps + 1)."""
 
-    def one_step(k):
-        return target_probability(logits_fn, jnp.where((ranks < k)[..., None], end, start), targets)
+    def some_steps(ks):  # (S,) pixel counts -> (S, N) probabilities, one forward pass of S * N images
+        return _target_probabilities(logits_fn, jax.vmap(lambda k: jnp.where((ranks < k)[..., None], end, start))(ks), targets)
 
     counts = jnp.asarray(_counts(np.arange(steps + 1) / steps, ranks))
     # step_batch steps per forward pass bounds memory to N * step_batch images.
-    return chunked_map(jax.vmap(one_step), counts, step_batch).T
+    return chunked_map(some_steps, counts, step_batch).T
 
 
 def deletion_curve(
@@ -231,14 +236,13 @@ def _road(logits_fn, images, saliency, targets, key, *, percentages, noise, iter
     rank_key, noise_key = jax.random.split(key)
     ranks = pixel_ranks(saliency, rank_key)
 
-    def one_level(args):
-        k, level_key = args
-        filled = noisy_linear_impute(images, ranks < k, level_key, noise=noise, iters=iters)
-        return target_probability(logits_fn, filled, targets)
+    def some_levels(args):  # (L,) pixel counts and keys -> (L, N) probabilities, one forward pass of L * N images
+        impute = lambda k, level_key: noisy_linear_impute(images, ranks < k, level_key, noise=noise, iters=iters)
+        return _target_probabilities(logits_fn, jax.vmap(impute)(*args), targets)
 
     counts = jnp.asarray(_counts(percentages, ranks))
     keys = jax.random.split(noise_key, len(percentages))
-    return chunked_map(jax.vmap(one_level), (counts, keys), step_batch).T
+    return chunked_map(some_levels, (counts, keys), step_batch).T
 
 
 def road_curve(

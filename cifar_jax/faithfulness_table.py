@@ -22,6 +22,8 @@ from cifar_jax.sanity import SANITY_DRAWS, cascading_randomization, full_randomi
 BASELINES = ("random", "gaussian")
 # Methods evaluated when none are named: Score-CAM needs K extra forward passes per image, so it is opt-in.
 DEFAULT_METHODS = tuple(m for m in cam.METHODS if m != "scorecam")
+# Maps within this of an earlier method's everywhere share its scores: float rounding, not a different explanation.
+SAME_MAPS_ATOL = 1e-5
 # Which way is better, for the table header.
 DIRECTIONS = {
     "deletion_auc": "↓",
@@ -47,6 +49,11 @@ def _saliency(name, model, variables, images, targets, key, layer):
     if name == "gaussian":
         return gaussian_saliency(images.shape[:3])
     return cam.saliency_maps(name, model, variables, images, targets, layer=layer, key=key)
+
+
+def _same_maps(a, b, atol: float = SAME_MAPS_ATOL) -> bool:
+    """Whether two (N, H, W) batches of [0, 1] maps differ by at most ``atol`` anywhere."""
+    return a.shape == b.shape and float(jnp.max(jnp.abs(a - b))) <= atol
 
 
 def evaluate_methods(
@@ -83,7 +90,7 @@ def evaluate_methods(
         computed with the same key and weights; its last row is then their sanity_spearman.
       logits_fn: the predictor the metrics perturb (default ``model_logits_fn(model, variables)``;
         ``inference.TrainedModel.logits_fn`` adds flip averaging where the run used it).
-      progress: show a tqdm bar over batches.
+      progress: show a tqdm bar (with ETA) over the batches and the sanity checks.
       metric_kwargs: passed to ``image_metrics`` (steps, blur_sigma, deletion_fill, percentages, noise, road_iters, step_batch).
 
     Returns:
@@ -106,12 +113,21 @@ def evaluate_methods(
     targets = jnp.asarray(targets, jnp.int32)
     names = methods + BASELINES
     per_image = {name: [] for name in names}
-    for start in tqdm(range(0, n, batch_size), desc="faithfulness", disable=None if progress else True):
+    starts = range(0, n, batch_size)
+    # One bar over the metric batches and then each method's sanity check, with tqdm's ETA; also in a log file.
+    bar = tqdm(total=len(starts) + (len(methods) if sanity_images > 0 else 0), desc="faithfulness", unit="part",
+               disable=not progress)
+    for start in starts:
         x, t = images[start : start + batch_size], targets[start : start + batch_size]
         batch_key = jax.random.fold_in(k_metric, start)  # shared by all methods: common random numbers
+        scored = []  # (maps, metrics) of this batch
         for name in names:
             sal = _saliency(name, model, variables, x, t, jax.random.fold_in(k_random, start), layer)
-            per_image[name].append(image_metrics(logits_fn, x, sal, t, batch_key, mean=mean, std=std, **metric_kwargs))
+            # Maps equal to an earlier method's (Grad-CAM, XGrad-CAM and HiResCAM at the last layer) are scored once.
+            same = next((metrics for earlier, metrics in scored if _same_maps(earlier, sal)), None)
+            scored.append((sal, same or image_metrics(logits_fn, x, sal, t, batch_key, mean=mean, std=std, **metric_kwargs)))
+            per_image[name].append(scored[-1][1])
+        bar.update()
     rows = []
     for name in names:
         metrics = {k: jnp.concatenate([batch[k] for batch in per_image[name]]) for k in per_image[name][0]}
@@ -130,9 +146,11 @@ def evaluate_methods(
                 row["sanity_spearman"] = row["sanity_cascade"][-1]["spearman"]
             else:
                 row["sanity_spearman"] = full_randomization_spearman(model, variables, images[:m], targets[:m], k_sanity, **check)
+            bar.update()
         row["road_morf_curve"] = [float(v) for v in metrics["road_morf"].mean(0)]
         row["road_lerf_curve"] = [float(v) for v in metrics["road_lerf"].mean(0)]
         rows.append(row)
+    bar.close()
     return rows
 
 
@@ -152,8 +170,9 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, dig
 def evaluate_trained(trained, images_uint8, labels, methods=None, seed: int = 0, layer: str = "layer4", *, use_predicted: bool = False, **kwargs) -> list[dict]:
     """``evaluate_methods`` for an ``inference.TrainedModel`` on (N, H, W, 3) uint8 images and (N,) labels.
 
-    The metrics perturb THE predictor (``trained.logits_fn``, flip-averaged if the run used it).
-    Explains the true labels (or the predictions with ``use_predicted``); average drop is
+    Maps and metrics use the run's network (``trained.network``: the kernels its evaluation used) on the image
+    alone: a map of that function is scored on that function, also where predictions average test-time views
+    (which would double every metric's forward passes). Explains the true labels (or the predictions with ``use_predicted``); average drop is
     taken in pixel space with the model's mean and std. ``kwargs`` go to ``evaluate_methods``.
     """
     from cifar_jax.augment import normalize
@@ -161,8 +180,8 @@ def evaluate_trained(trained, images_uint8, labels, methods=None, seed: int = 0,
     images = normalize(images_uint8, trained.mean, trained.std)
     targets = None if use_predicted else jnp.asarray(labels, jnp.int32)
     return evaluate_methods(
-        trained.model, trained.variables, images, targets, methods=methods, key=jax.random.key(seed),
-        layer=layer, mean=trained.mean, std=trained.std, logits_fn=trained.logits_fn, **kwargs,
+        trained.network, trained.variables, images, targets, methods=methods, key=jax.random.key(seed),
+        layer=layer, mean=trained.mean, std=trained.std, **kwargs,
     )
 
 
@@ -187,7 +206,7 @@ def trained_model_report(trained, images_uint8, labels, methods=None, seed: int 
     if cascade:
         from cifar_jax.augment import normalize
 
-        null = shared_pattern_spearman(trained.model, trained.variables, normalize(images_uint8[:m], trained.mean, trained.std),
+        null = shared_pattern_spearman(trained.network, trained.variables, normalize(images_uint8[:m], trained.mean, trained.std),
                                        jnp.asarray(labels[:m], jnp.int32), method="gradcam", layer=layer)
         draws = len(cascade[0]["spearman_draws"])
         text += (

@@ -65,6 +65,11 @@ class TrainedModel:
     predictor: Any = None  # The module ``logits`` applies: built with the convolution kernels training evaluated with.
 
     @property
+    def network(self):
+        """The module every consumer applies (predictions, maps, metrics): built with the kernels training evaluated with."""
+        return self.predictor or self.model
+
+    @property
     def cam_layer(self) -> str:
         """The layer explained when none is named: the last CAM layer of the model's family (layer4 for ResNets)."""
         from cifar_jax.models import family_of
@@ -88,15 +93,16 @@ class TrainedModel:
 
     @functools.cached_property
     def logits_fn(self) -> Partial:
-        """(N, H, W, 3) *normalised* images -> (N, C) logits, as a pytree (variables are its leaves).
+        """THE predictor on (N, H, W, 3) *normalised* images -> (N, C) logits, as a pytree (variables are its leaves).
 
-        The same object every call, so jitted metrics that take it compile once.
+        The kernels and test-time views of ``logits``; the same object every call, so jitted metrics that take it
+        compile once.
         """
-        return Partial(EvalLogits(self.model.apply, self.eval_flip, self.eval_translate), self.variables)
+        return Partial(EvalLogits(self.network.apply, self.eval_flip, self.eval_translate), self.variables)
 
     @functools.cached_property
     def _logits_of_uint8(self):
-        apply = (self.predictor or self.model).apply
+        apply = self.network.apply
         flip, translate, mean, std = self.eval_flip, self.eval_translate, self.mean, self.std
         return jax.jit(lambda variables, x: eval_logits(apply, variables, normalize(x, mean, std), flip, translate))
 
@@ -126,9 +132,10 @@ def load_trained(workdir, step: int | str = "best") -> TrainedModel:
         try:
             config = ml_collections.ConfigDict(meta["config"])
             model = models[s] = build_model(config, len(meta["class_names"]), conv="xla")
-            # The predictor uses the kernels training evaluated with (their rounding can flip a close call).
-            onednn = meta.get("conv") == "onednn"
-            predictors[s] = build_model(config, len(meta["class_names"]), conv="auto") if onednn else model
+            # The predictor uses the kernels training evaluated with (their rounding can flip a close call); a run
+            # trained on another backend (a GPU) has none here to match, so it gets this machine's fast ones.
+            fast = meta.get("conv") == "onednn" or meta.get("backend", jax.default_backend()) != jax.default_backend()
+            predictors[s] = build_model(config, len(meta["class_names"]), conv="auto") if fast else model
             image = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
             abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
         except Exception as e:  # A config this version cannot build a model from (e.g. written by another version).
@@ -221,13 +228,13 @@ def explain(trained: TrainedModel, images, targets=None, *, method="gradcam", la
     x = normalize(images, trained.mean, trained.std)
     kind = cam.REGISTRY[method].kind
     if kind == "pixel":  # gradients, Integrated Gradients, occlusion...
-        maps = cam.saliency_maps(method, trained.model, trained.variables, x, jnp.asarray(targets), layer=layer, key=key)
+        maps = cam.saliency_maps(method, trained.network, trained.variables, x, jnp.asarray(targets), layer=layer, key=key)
         return Explanation(np.asarray(maps), targets, None, method, layer)
-    cams = cam.compute_cams(trained.model, trained.variables, x, targets, method="gradcam" if kind == "guided" else method,
+    cams = cam.compute_cams(trained.network, trained.variables, x, targets, method="gradcam" if kind == "guided" else method,
                             layer=layer, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
     guided = None
     if kind == "guided":
-        guided = cam.guided_backprop(trained.model, trained.variables, x, targets)
+        guided = cam.guided_backprop(trained.network, trained.variables, x, targets)
         if cam.REGISTRY[method].weigh is not None:  # Guided Grad-CAM: guided backprop times the CAM
             guided = guided * cams.maps[..., None]
         guided = np.asarray(guided)
@@ -237,7 +244,7 @@ def explain(trained: TrainedModel, images, targets=None, *, method="gradcam", la
 def list_layers(trained: TrainedModel) -> list[tuple[str, Any]]:
     """[(module path, output shape)] of every module a CAM can explain, for one image (nothing is computed)."""
     size = trained.config.data.image_size
-    return cam.list_layers(trained.model, trained.variables, jnp.zeros((1, size, size, 3), jnp.float32))
+    return cam.list_layers(trained.network, trained.variables, jnp.zeros((1, size, size, 3), jnp.float32))
 
 
 def check_layer(trained: TrainedModel, layer: str) -> None:

@@ -258,6 +258,7 @@ def setup(config, workdir: Path, dataset):
         "num_test": len(dataset.test_labels),
         # The kernels the test set is evaluated with: the trained-model predictor (reports) uses the same ones.
         "conv": "onednn" if onednn_kernels else "xla",
+        "backend": jax.default_backend(),
     }
     evaluate = make_evaluator(mesh, dataset, config, mean, std)
     has_views = config.eval_flip or config.eval_translate > 0

@@ -30,8 +30,8 @@ from cifar_jax.cam.methods import (
     eigen_grad_cam, grad_cam, grad_cam_elementwise, grad_cam_plus_plus, hires_cam, layer_cam, score_cam, xgrad_cam,
 )
 from cifar_jax.cam.ops import (
-    CAMs, EPS, LayerContext, chunked_map, classifier_output, first_principal_component, minmax_scale, softmax_output,
-    upsample_and_scale, vit_reshape_transform,
+    CAMs, EPS, LayerContext, chunked_map, classifier_output, first_principal_component, minmax_scale, over_flat_batch,
+    softmax_output, upsample_and_scale, vit_reshape_transform,
 )
 
 __all__ = [
@@ -41,6 +41,6 @@ __all__ = [
     "deprocess_gradients", "eigen_cam", "eigen_grad_cam", "first_principal_component", "format_layers", "full_grad",
     "grad_cam", "grad_cam_elementwise", "grad_cam_plus_plus", "gradients", "guided_backprop", "guided_grad_cam",
     "guided_relu", "hires_cam", "input_x_gradient", "integrated_gradients", "layer_cam", "layer_gradients", "list_layers",
-    "make_cam_fn", "minmax_scale", "module_path", "occlusion", "pixel_map", "run_with_layer", "saliency_maps", "score_cam",
+    "make_cam_fn", "minmax_scale", "module_path", "occlusion", "over_flat_batch", "pixel_map", "run_with_layer", "saliency_maps", "score_cam",
     "smooth_grad", "smooth_gradients", "softmax_output", "split_model", "upsample_and_scale", "vit_reshape_transform", "xgrad_cam",
 ]

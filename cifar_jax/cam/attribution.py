@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifar_jax.cam.intercept import as_apply_fn
-from cifar_jax.cam.ops import as_float32, cached, chunked_map, class_score, minmax_scale, target_mode, targets_for
+from cifar_jax.cam.ops import as_float32, cached, chunked_map, class_score, minmax_scale, over_flat_batch, target_mode, targets_for
 
 
 def _attribute(kind, impl, model, variables, images, targets, apply_kwargs, *dynamic, **static):
@@ -56,12 +56,11 @@ def input_x_gradient(model, variables, images, targets=None, *, apply_kwargs=Non
     return _attribute("input_x_gradient", impl, model, variables, images, targets, apply_kwargs)
 
 
-def _integrated(apply_fn, variables, images, score, baseline, *, steps, batch_size):
-    alphas = jnp.linspace(0.0, 1.0, steps + 1)
-    weights = jnp.ones(steps + 1).at[0].set(0.5).at[-1].set(0.5) / steps  # trapezoid rule on [0, 1]
-    grads_at = jax.vmap(lambda a: _input_grads(apply_fn, variables, baseline + a * (images - baseline), score))
-    grads = chunked_map(grads_at, alphas, max(1, batch_size // images.shape[0]))  # (steps + 1, N, H, W, C)
-    return (images - baseline) * jnp.tensordot(weights, grads, axes=1)
+def _path_gradients(apply_fn, variables, images, score, baseline, alphas, weights):
+    """sum_p weights[p] dscore/dx at x = baseline + alphas[p] (images - baseline), the P points as one batch: -> (N, H, W, C)."""
+    points = baseline + alphas[:, None, None, None, None] * (images - baseline)  # (P, N, H, W, C)
+    total = lambda x: jax.vmap(score)(over_flat_batch(lambda flat: as_float32(apply_fn(variables, flat)), x)).sum()
+    return jnp.tensordot(weights, jax.grad(total)(points), axes=1)
 
 
 def integrated_gradients(model, variables, images, targets=None, *, baseline=None, steps: int = 64, batch_size: int = 256,
@@ -73,8 +72,18 @@ def integrated_gradients(model, variables, images, targets=None, *, baseline=Non
     """
     images = jnp.asarray(images, jnp.float32)
     baseline = jnp.broadcast_to(jnp.zeros(()) if baseline is None else jnp.asarray(baseline, jnp.float32), images.shape)
-    return _attribute("integrated_gradients", _integrated, model, variables, images, targets, apply_kwargs, baseline,
-                      steps=int(steps), batch_size=int(batch_size))
+    if targets is None:  # Each image's predicted class, once for every pass.
+        targets = jnp.argmax(as_float32(as_apply_fn(model, apply_kwargs)(variables, images)), -1)
+    alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
+    weights = np.full(steps + 1, 1 / steps, np.float32)
+    weights[[0, -1]] /= 2  # trapezoid rule on [0, 1]
+    per_pass = min(steps + 1, max(1, batch_size // images.shape[0]))
+    pad = (-(steps + 1)) % per_pass  # zero-weight points: every pass has one shape, one compiled program
+    alphas, weights = np.pad(alphas, (0, pad)).reshape(-1, per_pass), np.pad(weights, (0, pad)).reshape(-1, per_pass)
+    # Passes in a Python loop: XLA:CPU runs a network's gradient ~5x slower inside lax.map's loop (benchmarks/ig_forms.py).
+    total = sum(_attribute("integrated_gradients", _path_gradients, model, variables, images, targets, apply_kwargs,
+                           baseline, jnp.asarray(a), jnp.asarray(w)) for a, w in zip(alphas, weights))
+    return (images - baseline) * total
 
 
 def smooth_grad(fn, images, key, *, samples: int = 16, noise: float = 0.15):
@@ -121,9 +130,9 @@ def _occlusion(apply_fn, variables, images, score, *, window, stride, value, bat
         masks[i, y : y + window, x : x + window] = True
     base = score(as_float32(apply_fn(variables, images)))
 
-    def drops(chunk):  # (P', H, W) masks -> (P', N) score drops
-        occluded = lambda m: base - score(as_float32(apply_fn(variables, jnp.where(m[None, :, :, None], value, images))))
-        return jax.vmap(occluded)(chunk)
+    def drops(chunk):  # (P', H, W) masks -> (P', N) score drops, the P' occluded copies as one batch
+        occluded = jnp.where(chunk[:, None, :, :, None], value, images)  # (P', N, H, W, C)
+        return base - jax.vmap(score)(over_flat_batch(lambda x: as_float32(apply_fn(variables, x)), occluded))
 
     drop = chunked_map(drops, jnp.asarray(masks), max(1, batch_size // n))
     count = np.maximum(masks.sum(0), 1)
