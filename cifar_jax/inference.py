@@ -151,7 +151,9 @@ def load_trained(workdir, step: int | str = "best") -> TrainedModel:
     meta = loaded.meta
     return TrainedModel(
         model=models[loaded.step],
-        variables=jax.tree.map(jnp.asarray, loaded.tree),
+        # Uncommitted (placed on the default device, not pinned to it, like arrays made from numpy): a compiled
+        # program keys on its inputs' placement, so re-initialised or computed inputs would compile it again.
+        variables=jax.tree.map(lambda a: jax.device_put(np.asarray(a)), loaded.tree),
         config=ml_collections.ConfigDict(meta["config"]),
         class_names=tuple(meta["class_names"]),
         mean=np.asarray(meta["mean"], np.float32),
