@@ -403,3 +403,20 @@ def test_docs_snippets_run():
     namespace = {}
     for block in blocks:  # one namespace, in order, as a reader would paste them
         exec(compile(block, "docs/cam.md", "exec"), namespace)
+
+
+def test_over_flat_batch_is_a_vmap(resnet):
+    model, variables, images = resnet
+    apply = lambda x: model.apply(variables, x)
+    versions = jnp.stack([images, -images, 0.5 * images])  # (3, N, H, W, C)
+    np.testing.assert_allclose(cam.over_flat_batch(apply, versions), jax.vmap(apply)(versions), rtol=1e-5, atol=1e-5)
+
+
+def test_integrated_gradients_do_not_depend_on_the_pass_size(resnet):
+    """Path points go through the network in passes of batch_size // N (the last one padded with zero weights)."""
+    model, variables, images = resnet
+    targets = jnp.array([3, 7])
+    whole = cam.integrated_gradients(model, variables, images, targets, steps=8, batch_size=18)  # 9 points, one pass
+    for batch_size in (2, 8):  # 1 and 4 points a pass: 9 passes, 3 passes with 3 padded points
+        np.testing.assert_allclose(cam.integrated_gradients(model, variables, images, targets, steps=8, batch_size=batch_size),
+                                   whole, rtol=1e-4, atol=1e-6 * float(jnp.abs(whole).max()))

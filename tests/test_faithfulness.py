@@ -228,6 +228,22 @@ def test_evaluate_methods_table(tiny_resnet):
     assert len(table) == 5 and "deletion_auc ↓" in table[0] and table[2].startswith("| gradcam | 8 |")
 
 
+def test_maps_equal_to_an_earlier_methods_are_scored_once(tiny_resnet, monkeypatch):
+    model, variables, images, targets = tiny_resnet
+    scored = []
+    real = T.image_metrics
+    monkeypatch.setattr(T, "image_metrics", lambda *a, **k: scored.append(1) or real(*a, **k))
+    rows = T.evaluate_methods(  # At the last layer HiResCAM is Grad-CAM (a linear head after global pooling); LayerCAM is not.
+        model, variables, images, targets, methods=("gradcam", "hirescam", "layercam"), key=key(0),
+        steps=4, percentages=(0.3, 0.6), road_iters=20, batch_size=8, sanity_images=0, step_batch=5,
+    )
+    assert len(scored) == 4  # gradcam, layercam, random, gaussian
+    gradcam, hirescam, layercam = rows[:3]
+    assert {k: v for k, v in hirescam.items() if k != "method"} == {k: v for k, v in gradcam.items() if k != "method"}
+    assert layercam["average_drop"] != gradcam["average_drop"]
+    assert T._same_maps(jnp.zeros((2, 4, 4)), jnp.full((2, 4, 4), 1e-6)) and not T._same_maps(jnp.zeros((2, 4, 4)), jnp.full((2, 4, 4), 1e-3))
+
+
 def test_sanity_figure_is_the_cascades_last_row(tiny_resnet):
     model, variables, images, targets = tiny_resnet
     rows = S.cascading_randomization(model, variables, images, targets, key(3), draws=3)

@@ -48,6 +48,16 @@ def test_trained_predictor_equals_training_evaluation(smoke_workdir, trained_and
     assert inference.predict(trained, ds.test_images, ds.test_labels).accuracy == pytest.approx(record["test_accuracy"], abs=1e-9)
 
 
+def test_loaded_and_reinitialised_variables_share_compiled_programs(trained_and_data):
+    """Loaded variables are placed like freshly made ones, so a program compiled for them is not compiled again."""
+    trained, ds = trained_and_data
+    x = normalize(ds.test_images[:4], trained.mean, trained.std)
+    logits = jax.jit(lambda v, x: trained.network.apply(v, x, train=False))
+    logits(trained.variables, x)
+    logits(trained.network.init(jax.random.key(1), x, train=False), x)
+    assert logits._cache_size() == 1
+
+
 def test_explain_cli_honours_target_and_layer(smoke_workdir, trained_and_data, tmp_path, capsys):
     from cifar_jax import explain
 

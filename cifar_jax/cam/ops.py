@@ -54,10 +54,13 @@ def upsample_and_scale(raw, size):
 def chunked_map(fn, xs, chunk: int):
     """``fn`` over the leading axis of ``xs`` (array or tree) ``chunk`` rows at a time: pad, ``lax.map``, unpad.
 
-    ``fn`` maps a (chunk, ...) batch to a (chunk, ...) tree; the result has the rows of ``xs``.
+    ``fn`` maps a (chunk, ...) batch to a (chunk, ...) tree; the result has the rows of ``xs``. Where a divisor of
+    the row count is at least half of ``chunk``, chunks of that size need no padded rows (33 rows by 4: 11 of 3).
     """
     n = jax.tree.leaves(xs)[0].shape[0]
     chunk = max(1, min(int(chunk), n))
+    divisor = max(d for d in range(1, chunk + 1) if n % d == 0)
+    chunk = divisor if 2 * divisor >= chunk else chunk
     pad = (-n) % chunk
     padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(-1, chunk, *a.shape[1:]), xs)
     out = jax.lax.map(fn, padded)
