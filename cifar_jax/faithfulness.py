@@ -340,10 +340,11 @@ def image_metrics(
     common = dict(steps=steps, key=k_rank, step_batch=step_batch)
     road = dict(percentages=percentages, noise=noise, iters=road_iters, step_batch=step_batch)
     drop, increase = average_drop_increase(logits_fn, images, saliency, targets, mean=mean, std=std)
+    blurred = gaussian_blur(jnp.asarray(images, jnp.float32), blur_sigma)  # insertion's start, deletion's end
     return {
-        "deletion_auc": auc(deletion_curve(logits_fn, images, saliency, targets, blur_sigma=blur_sigma,
-                                           baseline=0.0 if deletion_fill == "mean" else None, **common)),
-        "insertion_auc": auc(insertion_curve(logits_fn, images, saliency, targets, blur_sigma=blur_sigma, **common)),
+        "deletion_auc": auc(deletion_curve(logits_fn, images, saliency, targets,
+                                           baseline=0.0 if deletion_fill == "mean" else blurred, **common)),
+        "insertion_auc": auc(insertion_curve(logits_fn, images, saliency, targets, baseline=blurred, **common)),
         "road_morf": road_curve(logits_fn, images, saliency, targets, k_road, order="morf", **road),
         "road_lerf": road_curve(logits_fn, images, saliency, targets, k_road, order="lerf", **road),
         "average_drop": drop,
