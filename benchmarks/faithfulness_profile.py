@@ -4,7 +4,8 @@
 
 The first call's wall time (compilation included, no persistent cache) and the best of 2 later ones of the
 Grad-CAM maps, the deletion and insertion curves (33 points), ROAD-MoRF (9 levels) and average drop, all
-through the run's network on the image alone (what ``explain --evaluate`` scores), and of one forward pass.
+through the run's network on the image alone (what ``explain --evaluate`` scores), and of one forward pass
+(with XLA's kernels too where the network uses oneDNN's).
 """
 import sys
 
@@ -29,4 +30,7 @@ print(f"deletion curve (33 points): {timed(lambda: F.deletion_curve(logits_fn, x
 print(f"insertion curve (33 points): {timed(lambda: F.insertion_curve(logits_fn, x, sal, y, key=k))}")
 print(f"ROAD MoRF (9 levels): {timed(lambda: F.road_curve(logits_fn, x, sal, y, k))}")
 print(f"average drop: {timed(lambda: F.average_drop_increase(logits_fn, x, sal, y, mean=t.mean, std=t.std))}")
-print(f"forward pass, 100 images: {timed(lambda: logits_fn(x))}")
+forward = jax.jit(lambda f, x: f(x))
+print(f"forward pass, 100 images, the run's network: {timed(lambda: forward(logits_fn, x))}")
+if t.network is not t.model:  # oneDNN's kernels: the same pass with XLA's
+    print(f"forward pass, 100 images, XLA's kernels: {timed(lambda: forward(F.model_logits_fn(t.model, t.variables), x))}")
