@@ -71,7 +71,7 @@ def main():
         from cifar_jax.inference import load_trained
 
         trained = load_trained(args.workdir)
-        model, variables, mean, std = trained.model, trained.variables, trained.mean, trained.std
+        model, variables, mean, std = trained.network, trained.variables, trained.mean, trained.std
         width = trained.config.model.width
     else:
         config.model.width = width = args.width
