@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cifar_jax import checkpoints as ckpt
+from cifar_jax import checkpoints as ckpt, onednn
 from cifar_jax.checkpoints import CheckpointError, make_manager
 from cifar_jax.inference import load_trained
 from tests.conftest import ROOT, run_module
@@ -254,3 +254,20 @@ def test_other_data_at_the_same_config_is_refused(reference):
     assert ckpt.describe_mismatch(meta["config"], config, 10, 10, meta, dict(meta)) is None
     why = ckpt.describe_mismatch(meta["config"], config, 10, 10, meta, {**meta, "mean": [0.0, 0.0, 0.0]})
     assert "data at data.path differs from the data trained on (mean)" in why
+
+
+@pytest.mark.parametrize("backend, conv, fast", [("cpu", "xla", False), ("gpu", "xla", True), (None, "onednn", True)])
+def test_the_predictor_uses_the_trained_kernels_or_this_machines_fast_ones(reference, tmp_path, backend, conv, fast):
+    """A checkpoint made here keeps the kernels its evaluation used; one from another backend (a GPU run's) gets
+    this machine's fast ones (model.conv=auto); a checkpoint that names no backend counts as made here."""
+    def recorded(meta):
+        meta["conv"] = conv
+        meta.pop("backend", None)
+        meta.update({"backend": backend} if backend else {})
+
+    workdir = copy_of(reference, tmp_path)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        edit_meta(step_dir, recorded)
+    trained = load_trained(workdir)
+    assert (trained.network is not trained.model) == fast
+    assert (getattr(trained.network, "conv_general_dilated", None) is not None) == (fast and onednn.available())
