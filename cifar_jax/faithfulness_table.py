@@ -124,9 +124,11 @@ def evaluate_methods(
         for name in names:
             sal = _saliency(name, model, variables, x, t, jax.random.fold_in(k_random, start), layer)
             # Maps equal to an earlier method's (Grad-CAM, XGrad-CAM and HiResCAM at the last layer) are scored once.
-            same = next((metrics for earlier, metrics in scored if _same_maps(earlier, sal)), None)
-            scored.append((sal, same or image_metrics(logits_fn, x, sal, t, batch_key, mean=mean, std=std, **metric_kwargs)))
-            per_image[name].append(scored[-1][1])
+            metrics = next((m for earlier, m in scored if _same_maps(earlier, sal)), None)
+            if metrics is None:
+                metrics = image_metrics(logits_fn, x, sal, t, batch_key, mean=mean, std=std, **metric_kwargs)
+            scored.append((sal, metrics))
+            per_image[name].append(metrics)
         bar.update()
     rows = []
     for name in names:

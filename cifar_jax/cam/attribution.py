@@ -80,7 +80,7 @@ def integrated_gradients(model, variables, images, targets=None, *, baseline=Non
     per_pass = min(steps + 1, max(1, batch_size // images.shape[0]))
     pad = (-(steps + 1)) % per_pass  # zero-weight points: every pass has one shape, one compiled program
     alphas, weights = np.pad(alphas, (0, pad)).reshape(-1, per_pass), np.pad(weights, (0, pad)).reshape(-1, per_pass)
-    # Passes in a Python loop: XLA:CPU runs a network's gradient ~5x slower inside lax.map's loop (benchmarks/ig_forms.py).
+    # Passes in a Python loop: XLA:CPU runs a network's gradient 4-6x slower inside lax.map's loop (benchmarks/ig_forms.py).
     total = sum(_attribute("integrated_gradients", _path_gradients, model, variables, images, targets, apply_kwargs,
                            baseline, jnp.asarray(a), jnp.asarray(w)) for a, w in zip(alphas, weights))
     return (images - baseline) * total
