@@ -10,6 +10,7 @@
 # Run from the project root with what benchmarks/gpu_env.sh names beside it: `bash benchmarks/gpu_faithfulness.sh`
 # (device tool: carry .carry, timeout 580 s). SMOKE=1 dry-runs it on a CPU at smoke size. Results in $OUT:
 # summary.txt, env.txt, runs.tar.gz (metrics, logs, explain/ outputs; no checkpoints), logs.tar.gz, cpu_run.tar.gz.
+# ONLY=evaluate: steps 1 and 2 for the full-width model alone (the evaluation's cold and warm times), then the outputs.
 source "$(dirname "$0")/gpu_env.sh"
 export CIFAR_JAX_CACHE=/tmp/cache
 if [ "$SMOKE" = 1 ]; then
@@ -29,14 +30,21 @@ timed() {  # NAME LIMIT COMMAND...: one step with its wall time and exit status 
   log "$name: rc=$? wall=$(( $(date +%s) - s ))s"
 }
 
+ONLY=${ONLY:-}
 log "training: start"
-train $FULL $W & train $CPU $WC & wait
+if [ "$ONLY" = evaluate ]; then train $FULL $W; else train $FULL $W & train $CPU $WC & wait; fi
 for w in $W $WC; do grep -E "^(model.dtype|epoch [0-9]+:|Time:)" $L/train_$(basename $w).log | tail -3 | cut -c1-200 | tee -a "$OUT/summary.txt"; done
 
 timed evaluate_cold 200 $PY -m cifar_jax.explain --workdir $W --evaluate $IMAGES
 cp $W/explain/faithfulness.md $L/faithfulness_cold.md 2>/dev/null
 timed evaluate_warm 120 $PY -m cifar_jax.explain --workdir $W --evaluate $IMAGES
 tail -32 $L/evaluate_warm.log | head -12 >> "$OUT/summary.txt"
+outputs() {  # runs.tar.gz (no checkpoints) and logs.tar.gz to $OUT
+  (cd /tmp/runs && tar -czf "$OUT/runs.tar.gz" --exclude=checkpoints --exclude=.lock . 2>/dev/null)
+  (cd $L && tar -czf "$OUT/logs.tar.gz" . 2>/dev/null)
+  log "done"
+}
+if [ "$ONLY" = evaluate ]; then outputs; exit 0; fi
 timed profile 80 $PY benchmarks/faithfulness_profile.py $W
 cat $L/profile.log | grep -v WARN | tail -6 >> "$OUT/summary.txt"
 timed sanity_variants 90 $PY benchmarks/sanity_variants.py --workdir $W --images $N --draws 8
@@ -45,6 +53,4 @@ timed deletion_baselines 60 $PY benchmarks/deletion_baselines.py --workdir $W --
 last=$(ls $WC/checkpoints 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
 (cd /tmp/runs && tar -czf "$OUT/cpu_run.tar.gz" --exclude=.lock --exclude=explain \
   $(cd /tmp/runs && ls -d resnet18_cpu/* | grep -v checkpoints) resnet18_cpu/checkpoints/$last 2>/dev/null)
-(cd /tmp/runs && tar -czf "$OUT/runs.tar.gz" --exclude=checkpoints --exclude=.lock . 2>/dev/null)
-(cd $L && tar -czf "$OUT/logs.tar.gz" . 2>/dev/null)
-log "done"
+outputs
