@@ -92,3 +92,16 @@ def reference(cifar_archive, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ref") / "run"
     assert run(workdir, cifar_archive) == 0
     return workdir
+
+
+# Under pytest-xdist (the README's command runs one worker per core), the tests that share a trained session
+# workdir run on one worker, so each workdir is trained once, not once per worker (see --dist loadgroup).
+SHARED_WORKDIRS = ("smoke_workdir", "reference")
+
+
+@pytest.hookimpl(tryfirst=True)  # Before xdist reads the groups.
+def pytest_collection_modifyitems(items):
+    for item in items:
+        shared = [name for name in SHARED_WORKDIRS if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
