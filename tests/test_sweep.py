@@ -1,4 +1,4 @@
-"""python -m cifar_jax.sweep at smoke size: variants x seeds side by side, one table, finished runs reused."""
+"""python -m cifar_jax.sweep at smoke size (variants side by side, one table, finished runs reused); its summary over seeds."""
 
 import json
 import sys
@@ -6,35 +6,54 @@ import time
 
 import pytest
 
-from cifar_jax.sweep import SweepError, load_variants, run_jobs
+from cifar_jax.sweep import SweepError, format_table, load_variants, run_jobs, summarize
 from tests.conftest import run_module
 
 SMALL = ["--set", "epochs=1", "--set", "data.max_train=256", "--set", "data.max_test=128"]
 
 
-def test_sweep_trains_variants_and_seeds_and_prints_one_table(cifar_archive, tmp_path):
+def test_sweep_trains_variants_and_prints_one_table_then_reuses_finished_runs(cifar_archive, tmp_path):
     root = tmp_path / "sweep"
     variants = tmp_path / "variants.py"
     variants.write_text("def get_variants():\n    return {'base': [], 'no_cutout': ['augment.cutout=0']}\n")
     cmd = ["cifar_jax.sweep", "--config", "experiments/smoke.py", "--workdir", str(root), "--variants", str(variants),
-           "--seeds", "0", "1", "--set", f"data.path={cifar_archive}", *SMALL]
+           "--seeds", "1", "--set", f"data.path={cifar_archive}", *SMALL]  # Not the default seed 0: it is passed on.
     result = run_module(*cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads((root / "sweep.json").read_text())}
     assert list(rows) == ["base", "no_cutout"]
     for name, row in rows.items():
-        assert row["seeds"] == [0, 1] and not row["failed"]
-        assert 0 <= row["min"] <= row["mean"] <= 100 and row["std"] >= 0 and row["epoch_s"] > 0 and row["total_s"] > 0
-        for seed in (0, 1):
-            config = json.loads((root / name / f"seed{seed}" / "config.json").read_text())
-            assert config["seed"] == seed and config["epochs"] == 1 and config["log"]["report"] is False
-            assert config["augment"]["cutout"] == (0 if name == "no_cutout" else 8)
+        assert row["seeds"] == [1] and not row["failed"]
+        assert 0 <= row["min"] == row["mean"] <= 100 and row["std"] == 0 and row["epoch_s"] > 0 and row["total_s"] > 0
+        config = json.loads((root / name / "seed1" / "config.json").read_text())
+        assert config["seed"] == 1 and config["epochs"] == 1 and config["log"]["report"] is False
+        assert config["augment"]["cutout"] == (0 if name == "no_cutout" else 8)
     # The header and one row per variant; a rerun finds every run finished, trains nothing and prints the same table.
     table = [l for l in result.stdout.splitlines() if l.startswith("| ")]
-    assert len(table) == 1 + 2 and "| no_cutout | 2 |" in table[2] and "augment.cutout=0" in table[2]
+    assert len(table) == 1 + 2 and "| no_cutout | 1 |" in table[2] and "augment.cutout=0" in table[2]
     again = run_module(*cmd)
     assert again.returncode == 0 and "0 run(s) to train" in again.stdout
     assert [l for l in again.stdout.splitlines() if l.startswith("| ")] == table
+
+
+def test_a_row_summarizes_its_seeds_and_counts_failed_runs(tmp_path):
+    def job(variant, seed, accuracy):
+        result = None if accuracy is None else {
+            "test_accuracy": accuracy, "single_view": accuracy - 0.01, "epoch_s": 2.0 + seed, "total_s": 10.0 * (seed + 1)}
+        return {"variant": variant, "seed": seed, "workdir": tmp_path / variant / f"seed{seed}", "rc": 1, "result": result}
+
+    jobs = [job("a", 0, 0.90), job("b", 0, None), job("a", 1, 0.92), job("b", 1, 0.80), job("a", 2, 0.94)]
+    a, b = summarize({"a": [], "b": ["augment.cutout=0"]}, jobs)
+    assert a["seeds"] == [0, 1, 2] and a["failed"] == [] and a["accuracy"] == pytest.approx([90, 92, 94])
+    assert (a["mean"], a["std"], a["min"]) == pytest.approx((92, 2, 90))
+    assert (a["single_mean"], a["single_std"]) == pytest.approx((91, 2))
+    assert (a["epoch_s"], a["total_s"]) == (3.0, 20.0)  # The median epoch; the mean time to result.
+    assert b["seeds"] == [1] and b["failed"] == [{"seed": 0, "rc": 1, "log": str(tmp_path / "b" / "seed0") + ".log"}]
+    assert (b["mean"], b["std"]) == pytest.approx((80, 0))
+    lines = format_table([a, b]).splitlines()
+    assert lines[2] == "| a | 3 | 92.00 ± 2.00 | 90.00 | 91.00 ± 2.00 | 3.00 | 20 | (config as is) |"
+    assert lines[3].startswith("| b | 1 (1 failed) | 80.00 ± 0.00 |") and lines[3].endswith("| augment.cutout=0 |")
+    assert format_table([{**b, "mean": None}]).splitlines()[2].count("failed") == 6
 
 
 def test_sweep_refuses_a_bad_variants_file_in_one_line(tmp_path):
