@@ -69,16 +69,13 @@ def run_module(*args, timeout=600, env=None):
 
 @pytest.fixture(scope="session")
 def smoke_workdir(cifar_archive, tmp_path_factory):
-    """A workdir trained by experiments/smoke.py on the real archive (with its report)."""
-    from cifar_jax import train
-
-    os.chdir(ROOT)
+    """A workdir trained by ``python -m cifar_jax.train --config experiments/smoke.py`` on the real archive, with its
+    report; what the command printed is in ``train.stdout`` beside it."""
     workdir = tmp_path_factory.mktemp("smoke") / "run"
-    rc = train.main([
-        "--config", "experiments/smoke.py", "--workdir", str(workdir),
-        f"--config.data.path={cifar_archive}", "--config.log.progress_bar=false",
-    ])
-    assert rc == 0
+    result = run_module("cifar_jax.train", "--config", "experiments/smoke.py", "--workdir", str(workdir),
+                        f"--config.data.path={cifar_archive}", "--config.log.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (workdir.parent / "train.stdout").write_text(result.stdout)
     return workdir
 
 
