@@ -47,6 +47,13 @@ def save_png(path, image) -> None:
         Image.fromarray(image).save(tmp, optimize=True)
 
 
+def bare(ax) -> None:
+    """Draws a matplotlib axes as a bare picture: no frame, no ticks (not merely hidden: matplotlib lays out hidden
+    ticks too, which took half the time of a grid of 20 images)."""
+    ax.axis("off")
+    ax.set(xticks=[], yticks=[])
+
+
 def image_grid(
     path, images, titles: Sequence[str], overlays=None, cols: int = 5, title: str | None = None, overlay_label: str = "Grad-CAM",
     colorbar: bool = False, colormap: str = "jet",
@@ -70,7 +77,7 @@ def image_grid(
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols * per_item, figsize=(1.6 * cols * per_item, 2.25 * rows), squeeze=False)
     for ax in axes.flat:
-        ax.axis("off")
+        bare(ax)
     for i in range(n):
         r, c = divmod(i, cols)
         ax = axes[r, c * per_item]
@@ -113,7 +120,7 @@ def explanation_figure(path, image, picture, title: str, picture_title: str, col
         img = np.asarray(img)
         ax.imshow(img, interpolation="nearest" if max(img.shape[:2]) < 128 else "antialiased")
         ax.set_title(name, fontsize=9)
-        ax.axis("off")
+        bare(ax)
     if colorbar:
         scale = fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), colormap), ax=[left, right], fraction=0.03, pad=0.02)
         scale.set_label("relevance (0 = none, 1 = the map's maximum)", fontsize=8)
