@@ -99,13 +99,23 @@ def test_gpu_recipe_keeps_the_original_model_and_budget():
         (["--config", "experiments/smoke.py", "--config.data.path=/nowhere.tar.gz"], "does not exist"),
     ],
 )
-def test_cli_reports_bad_config_in_one_line(args, message, tmp_path):
-    result = run_module("cifar_jax.train", *args, "--workdir", str(tmp_path / "w"), timeout=120)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-    assert lines[-1].startswith("error:") and message in lines[-1], result.stderr
+def test_cli_reports_bad_config_in_one_line(args, message, tmp_path, capsys):
+    from cifar_jax import train
+
+    assert train.main([*args, "--workdir", str(tmp_path / "w")]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("error:") and message in lines[-1], err
     assert not (tmp_path / "w").exists()  # nothing computed, nothing written
+
+
+def test_a_bad_config_exits_the_process_with_one_line_and_status_2(tmp_path):
+    """The same as a process: its exit status and all it prints (the cases above run in this process)."""
+    result = run_module("cifar_jax.train", "--config", "experiments/smoke.py", "--config.epochz=1",
+                        "--workdir", str(tmp_path / "w"), timeout=120)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == ["error: unknown config field 'epochz'; did you mean 'epochs'?"], result.stderr
 
 
 def test_misspelt_field_suggests_the_right_one():
