@@ -10,6 +10,8 @@ import pytest
 # Tests check behaviour, not speed: XLA's expensive optimisation passes off (in this process and the CLIs it
 # starts) cuts the suite's compile-bound time by about a quarter. JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns them on.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# On a GPU, the xdist workers (one per core) share it: each takes the memory it uses, not JAX's default 75%.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
