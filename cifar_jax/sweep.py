@@ -219,7 +219,8 @@ def _run(args) -> int:
             for seed in args.seeds for name, overrides in variants.items()]  # Seed-major: every variant gets a seed first.
     deadline = time.time() + args.timeout  # Counted from the start: filling the data cache is part of it.
     todo = [j for j in jobs if read_result(j["workdir"]) is None]
-    prepare_data(args.config, {name: [*args.set, *overrides] for name, overrides in variants.items()})
+    if todo:  # A rerun of a finished sweep only reads the results.
+        prepare_data(args.config, {name: [*args.set, *overrides] for name, overrides in variants.items()})
     parallel = args.parallel if args.parallel > 0 else max(len(todo), 1)
     fraction = args.memory_fraction or 0.9 / parallel
     print(f"Sweep: {len(variants)} variant(s) x {len(args.seeds)} seed(s); {len(todo)} run(s) to train, "
