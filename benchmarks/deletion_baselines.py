@@ -19,9 +19,7 @@ import numpy as np
 
 from cifar_jax import cam
 from cifar_jax import faithfulness as F
-from cifar_jax.augment import normalize
-from cifar_jax.data import subsample
-from cifar_jax.inference import load_run_data, load_trained
+from cifar_jax.inference import load_test_images, load_trained
 
 STEPS = 32
 
@@ -35,9 +33,7 @@ def main():
     args = p.parse_args()
 
     trained = load_trained(args.workdir)
-    ds = subsample(load_run_data(trained, args.data), 0, args.images)
-    images = jnp.asarray(normalize(ds.test_images, trained.mean, trained.std), jnp.float32)
-    targets = jnp.asarray(ds.test_labels, jnp.int32)
+    images, targets = load_test_images(trained, args.images, args.data)
     black = jnp.asarray(-np.asarray(trained.mean) / np.asarray(trained.std), jnp.float32)
     curves = {}
     for start in range(0, args.images, args.batch):

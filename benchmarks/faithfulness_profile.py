@@ -9,14 +9,11 @@ through the run's network on the image alone (what ``explain --evaluate`` scores
 """
 import sys
 
-import time, jax, jax.numpy as jnp
+import time, jax
 from cifar_jax import cam, faithfulness as F
-from cifar_jax.augment import normalize
-from cifar_jax.data import subsample
-from cifar_jax.inference import load_run_data, load_trained
+from cifar_jax.inference import load_test_images, load_trained
 t = load_trained(sys.argv[1])
-ds = subsample(load_run_data(t), 0, 100)
-x = jnp.asarray(normalize(ds.test_images, t.mean, t.std)); y = jnp.asarray(ds.test_labels, jnp.int32)
+x, y = load_test_images(t, 100)
 def timed(f, reps=2):
     s = time.perf_counter(); jax.block_until_ready(f()); first = time.perf_counter() - s; ts = []
     for _ in range(reps):

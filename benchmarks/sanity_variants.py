@@ -26,9 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifar_jax import cam
-from cifar_jax.augment import normalize
-from cifar_jax.data import subsample
-from cifar_jax.inference import load_run_data, load_trained
+from cifar_jax.inference import load_test_images, load_trained
 from cifar_jax.models import PARAM_GROUPS
 from cifar_jax.sanity import _replace_groups, fresh_variables, spearman
 
@@ -64,9 +62,7 @@ def main():
     args = p.parse_args()
 
     trained = load_trained(args.workdir)
-    ds = subsample(load_run_data(trained, args.data), 0, args.images)
-    images = jnp.asarray(normalize(ds.test_images, trained.mean, trained.std), jnp.float32)
-    targets = jnp.asarray(ds.test_labels, jnp.int32)
+    images, targets = load_test_images(trained, args.images, args.data)
     model, variables = trained.network, trained.variables
     ref = variants(model, variables, images, targets, args.layer)
 

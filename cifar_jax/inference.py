@@ -278,3 +278,12 @@ def load_run_data(trained: TrainedModel, data_path: str | None = None):
     if data_path:
         data_config.path = data_path
     return load_dataset(data_config)
+
+
+def load_test_images(trained: TrainedModel, n: int, data_path: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """The first ``n`` class-balanced test images of the run's data (``data.subsample``): (n, H, W, 3) float32,
+    normalised as the run normalised them, and their (n,) int32 labels."""
+    from cifar_jax.data import subsample
+
+    ds = subsample(load_run_data(trained, data_path), 0, n)
+    return jnp.asarray(normalize(ds.test_images, trained.mean, trained.std), jnp.float32), jnp.asarray(ds.test_labels, jnp.int32)

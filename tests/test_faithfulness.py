@@ -268,14 +268,11 @@ def test_table_sanity_column_is_the_cascades_last_row(tiny_resnet):
 
 def test_randomisation_check_falls_on_a_trained_model(smoke_workdir):
     """On a trained model the maps must decorrelate once the weights are random, at every draw."""
-    from cifar_jax.augment import normalize
-    from cifar_jax.data import subsample
-    from cifar_jax.inference import load_run_data, load_trained
+    from cifar_jax.inference import load_test_images, load_trained
 
     trained = load_trained(smoke_workdir)
-    ds = subsample(load_run_data(trained), 0, 32)
-    images = normalize(ds.test_images, trained.mean, trained.std)
-    rows = S.cascading_randomization(trained.model, trained.variables, images, ds.test_labels, key(0), draws=4)
+    images, labels = load_test_images(trained, 32)
+    rows = S.cascading_randomization(trained.model, trained.variables, images, labels, key(0), draws=4)
     assert rows[0]["spearman"] == 1.0
     last = rows[-1]
     assert last["spearman"] < 0.4 and max(last["spearman_draws"]) < 0.6, rows
