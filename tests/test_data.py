@@ -82,9 +82,9 @@ def test_subsample_is_class_balanced_and_deterministic(image_tree):
     np.testing.assert_array_equal(small.train_images, again.train_images)
 
 
-def test_real_cifar10_archive(cifar_archive, monkeypatch):
+def test_real_cifar10_archive(full_cifar_archive, monkeypatch):
     monkeypatch.delenv("CIFAR_JAX_CACHE")  # Share the user cache: the archive decodes once per machine.
-    ds = load_folder(cifar_archive)
+    ds = load_folder(full_cifar_archive)
     assert ds.train_images.shape == (50000, 32, 32, 3)
     assert ds.test_images.shape == (10000, 32, 32, 3)
     assert ds.class_names == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

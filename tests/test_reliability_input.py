@@ -292,12 +292,12 @@ def _popen(*args, env):
                             text=True, env={**os.environ, **env})
 
 
-def test_ctrl_c_while_loading_data_exits_130_without_traceback_or_partial_files(cifar_archive, tmp_path):
+def test_ctrl_c_while_loading_data_exits_130_without_traceback_or_partial_files(full_cifar_archive, tmp_path):
     cache, workdir = tmp_path / "cache", tmp_path / "w"
     proc = _popen("cifar_jax.train", "--config", "experiments/smoke.py", "--workdir", str(workdir),
-                  f"--config.data.path={cifar_archive}", "--config.log.progress_bar=false",
+                  f"--config.data.path={full_cifar_archive}", "--config.log.progress_bar=false",
                   env={"CIFAR_JAX_CACHE": str(cache), "CIFAR_JAX_NO_COMPILE_CACHE": "1"})
-    _wait_until_open(proc, cifar_archive)
+    _wait_until_open(proc, full_cifar_archive)
     time.sleep(1.0)  # decoding the 60,000 JPEGs of the archive takes far longer than this
     rc, out, err = _interrupt(proc)
     assert "epoch" not in out, out  # interrupted before training started
@@ -310,21 +310,17 @@ def test_ctrl_c_while_loading_data_exits_130_without_traceback_or_partial_files(
     assert not workdir.exists()  # no checkpoint, no metrics: nothing half-made
 
 
-def test_ctrl_c_while_building_the_model_and_compiling_exits_130(smoke_workdir, cifar_archive, tmp_path):
-    """With the data cached (by smoke_workdir), the signal lands while the state is initialised and compiled."""
-    from cifar_jax.runtime import default_cache_dir
-
-    caches = sorted(default_cache_dir().glob("*.npz"))
-    assert caches, "smoke_workdir should have cached the decoded archive"
+def test_ctrl_c_while_building_the_model_and_compiling_exits_130(cifar_archive, tmp_path):
+    """The signal lands once the data is loaded (the "Data:" line), while the model is summarised and compiled."""
     workdir = tmp_path / "w"
     proc = _popen("cifar_jax.train", "--config", "experiments/smoke.py", "--workdir", str(workdir),
                   f"--config.data.path={cifar_archive}", "--config.log.progress_bar=false",
                   env={"CIFAR_JAX_NO_COMPILE_CACHE": "1", "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 60
-    while not any(_has_open(proc, c) for c in caches):
-        assert proc.poll() is None and time.time() < deadline, "the cached data was never opened"
-        time.sleep(0.05)
-    time.sleep(1.5)
+    for line in proc.stdout:  # Unbuffered: each line as it is printed.
+        if line.startswith("Data:"):
+            break
+    else:
+        pytest.fail(f"no 'Data:' line; exit status {proc.wait()}: {proc.stderr.read()[-2000:]}")
     t0 = time.time()
     rc, out, err = _interrupt(proc)
     # Before the fix: 20 s after the message, SIGSEGV (-11) in the teardown, XLA still compiling.
@@ -343,14 +339,14 @@ def test_ctrl_c_while_building_the_model_and_compiling_exits_130(smoke_workdir, 
         assert not [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
 
 
-def test_ctrl_c_while_building_the_report_keeps_the_old_report(smoke_workdir, cifar_archive, tmp_path):
+def test_ctrl_c_while_building_the_report_keeps_the_old_report(smoke_workdir, full_cifar_archive, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(smoke_workdir, workdir)
     old = (workdir / "REPORT.md").read_bytes()
     cache = tmp_path / "cache"  # empty: the report decodes the archive again, a wide window for the signal
-    proc = _popen("cifar_jax.report", "--workdir", str(workdir), "--data", str(cifar_archive),
+    proc = _popen("cifar_jax.report", "--workdir", str(workdir), "--data", str(full_cifar_archive),
                   env={"CIFAR_JAX_CACHE": str(cache), "CIFAR_JAX_NO_COMPILE_CACHE": "1"})
-    _wait_until_open(proc, cifar_archive)
+    _wait_until_open(proc, full_cifar_archive)
     time.sleep(0.5)
     rc, out, err = _interrupt(proc)
     assert rc == 130, err
