@@ -275,7 +275,8 @@ def setup(config, workdir: Path, dataset):
         from cifar_jax import onednn
 
         kernels += f"; not oneDNN: {onednn.unavailable_reason() or 'it needs one CPU device and float32'}"
-    run.say(f"Convolutions: {kernels} (model.conv={config.model.conv}); {loop} loop, {k} step(s) per dispatch")
+    run.say(f"Convolutions: {kernels} (model.conv={config.model.conv}); {loop} loop, {k} step(s) per dispatch, "
+            f"{mesh.size} {jax.default_backend()} device(s)")
     return run, state
 
 
