@@ -1,6 +1,5 @@
 """Shared fixtures: the real CIFAR-10 JPEG archive, tiny models, small image-folder trees."""
 
-import hashlib
 import io
 import os
 import sys
@@ -53,22 +52,22 @@ SUBSET_DIR = default_cache_dir() / "tests"  # Where the cache is when the tests 
 def cifar_archive(full_cifar_archive):
     """The first SUBSET[split] images (by file name) of every class of the shared archive, as an archive of the same
     layout: 3,000 images to decode and a 9 MB data cache to read instead of 60,000 and 177 MB, the same subsets."""
+    from cifar_jax.data import _tar_entries  # The project's own reader of the archive's layout.
+    from cifar_jax.download import sha256_file
     from cifar_jax.files import atomic_path
 
-    source = full_cifar_archive
-    out = SUBSET_DIR / f"cifar10-jpg-subset-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}.tar.gz"
+    out = SUBSET_DIR / f"cifar10-jpg-subset-{sha256_file(full_cifar_archive)[:16]}.tar.gz"
     if out.is_file():
         return out
-    kept = {}  # (split, class) -> [(file name, TarInfo, bytes)]
-    with tarfile.open(source) as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if member.isfile() and len(parts) == 3 and parts[0] in SUBSET:
-                kept.setdefault(tuple(parts[:2]), []).append((parts[2], member, tar.extractfile(member).read()))
+    kept = {}  # (split, class) -> [(file name, member name, bytes)]
+    for split, class_name, name, blob in _tar_entries(full_cifar_archive):
+        kept.setdefault((split, class_name), []).append((Path(name).name, name, blob))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, suffix=".tar.gz") as tmp, tarfile.open(tmp, "w:gz") as subset:
         for (split, _), files in sorted(kept.items()):
-            for _, member, blob in sorted(files, key=lambda f: f[0])[: SUBSET[split]]:
+            for _, name, blob in sorted(files)[: SUBSET[split]]:
+                member = tarfile.TarInfo(name)
+                member.size = len(blob)
                 subset.addfile(member, io.BytesIO(blob))
     return out
 
