@@ -60,9 +60,8 @@ def parse_args(argv):
     """Splits ``--config.a.b=v`` overrides from the ordinary flags; returns (args, overrides)."""
     parser = argparse.ArgumentParser(
         prog="python -m cifar_jax.train",
-        description="Train a CIFAR ResNet; any config field can be overridden as --config.FIELD=VALUE. Measured whole "
-                    "commands: experiments/resnet18_cpu.py 39-41 min on 2 CPU cores, experiments/smoke.py under a "
-                    "minute; experiments/resnet18.py 0.77 s an epoch on one H200 once compiled (docs/results.md).",
+        description="Train a CIFAR ResNet; any config field can be overridden as --config.FIELD=VALUE. How long each "
+                    "config takes, measured: docs/results.md.",
         epilog="config fields (defaults of cifar_jax.config.base_config; a config file changes some):\n" + describe_fields(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
