@@ -57,15 +57,15 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_flax_variables(model: ResNet18, variables: dict) -> None:
-    """Copies Flax ``{"params", "batch_stats"}`` into ``model``: HWIO -> OIHW kernels, dense kernel transposed."""
+def load_flax_variables(model: ResNet18, variables: dict, dtype=np.float32) -> None:
+    """Copies Flax ``{"params", "batch_stats"}`` into ``model`` as ``dtype``: HWIO -> OIHW kernels, dense kernel transposed."""
     from flax.traverse_util import flatten_dict
 
     state = {}
     for collection in ("params", "batch_stats"):
         for path, value in flatten_dict(variables[collection]).items():
             module, leaf = ".".join(path[:-1]), path[-1]
-            value = np.asarray(value, np.float32)
+            value = np.asarray(value, dtype)
             if leaf == "kernel":
                 value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
             name = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[leaf]

@@ -20,7 +20,7 @@ import ml_collections
 from cifar_jax.dataset import DEFAULT_PATH
 from cifar_jax.errors import ConfigError, UserError  # noqa: F401  (ConfigError is part of this module's API)
 from cifar_jax.data import SOURCES
-from cifar_jax.models import MODELS, NORMS
+from cifar_jax.models import INITS, MODELS, NORMS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "linear", "cosine", "constant")
@@ -191,6 +191,7 @@ RULES: dict[str, Rule] = {
     "model.norm_dtype": choice("same", *DTYPES),
     "model.norm_backward": choice(*NORMS),
     "model.zero_init_residual": BOOL,
+    "model.init": choice(*INITS),
     "model.conv": choice("auto", "xla", "onednn"),
     "data.source": choice(*DATA_SOURCES),
     "data.path": TEXT,
@@ -216,6 +217,10 @@ RULES: dict[str, Rule] = {
     "optim.div_factor": real(0, lo_open=True),
     "optim.final_div_factor": real(0, lo_open=True),
     "optim.label_smoothing": real(0, 1, hi_open=True),
+    "optim.momentum_range": Rule(
+        lambda v: isinstance(v, (tuple, list)) and (len(v) == 0 or (
+            len(v) == 2 and all(real(0, 1, hi_open=True).ok(m) for m in v) and v[0] <= v[1])),
+        "() or (base, max) momenta in [0, 1) with base <= max"),
     "checkpoint.every_epochs": integer(0),
     "checkpoint.keep": integer(1),
     "log.progress_bar": BOOL,
@@ -280,6 +285,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
             c.data.source != "auto" or c.data.path in ("", DEFAULT_PATH) or _path_exists("data.path", c.data.path),
             f"data.path {c.data.path!r} does not exist (data.source=auto falls back to cifar10 only for the default path)",
         ),
+        (not c.optim.momentum_range or (c.optim.name == "sgd" and c.optim.schedule == "onecycle"),
+         f"optim.momentum_range {tuple(c.optim.momentum_range)!r} needs optim.name='sgd' and optim.schedule='onecycle'"),
         (c.data.label_mode == "fine" or c.data.source == "cifar100",
          f"data.label_mode='coarse' needs data.source='cifar100', got {c.data.source!r}"),
     ]
@@ -360,6 +367,9 @@ def base_config() -> ml_collections.ConfigDict:
     # per-channel sums and one elementwise pass; same forward, equal within float tolerance; docs/benchmarks.md).
     c.model.norm_backward = "autodiff"
     c.model.zero_init_residual = False  # Start each block's last BatchNorm scale at 0 (the block begins as identity).
+    # Initial weights: "pytorch" (the original's: PyTorch's default for every conv and the head, U(+-1/sqrt(fan_in)))
+    # or "he" (torchvision's He-normal fan_out convs, 2.45x larger); cifar_jax.models.resnet.INITS, docs/recipes.md.
+    c.model.init = "pytorch"
     # Convolution kernels for training: "onednn" (cifar_jax.onednn; needs pip install -e ".[onednn]" and a C++
     # compiler; 2-3x XLA's images/s on CPU, docs/benchmarks.md), "xla", or "auto" = onednn when it is
     # installed, the backend is one CPU device and the model float32 (or bfloat16 on a CPU with AVX512-BF16
@@ -398,6 +408,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.div_factor = 25.0  # onecycle/linear: the first lr is lr / div_factor.
     c.optim.final_div_factor = 1e4  # onecycle/linear: the last lr is lr / div_factor / final_div_factor.
     c.optim.label_smoothing = 0.0  # Mass spread uniformly over all classes in the training targets.
+    # onecycle + sgd: (base, max) momentum cycled inversely to the lr (max at the ends, base at the peak), replacing
+    # optim.momentum, as PyTorch's OneCycleLR does by default with (0.85, 0.95); () = constant optim.momentum.
+    c.optim.momentum_range = ()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_epochs = 1  # Save every N epochs (and always at the end and on SIGINT/SIGTERM); 0 = end only.

@@ -45,26 +45,50 @@ def make_schedule(optim, total_steps: int) -> optax.Schedule:
         return optax.join_schedules(
             [optax.linear_schedule(start, optim.lr, up), optax.linear_schedule(optim.lr, end, max(total - up, 1))], [up])
     if optim.schedule == "onecycle":
-        return optax.cosine_onecycle_schedule(
-            transition_steps=max(total_steps, 1),
-            peak_value=optim.lr,
-            pct_start=optim.warmup_fraction,
-            div_factor=optim.div_factor,
-            final_div_factor=optim.final_div_factor,
-        )
+        return one_cycle(total_steps, optim.warmup_fraction, optim.lr / optim.div_factor, optim.lr,
+                         optim.lr / optim.div_factor / optim.final_div_factor)
     if optim.schedule == "cosine":
         return optax.cosine_decay_schedule(optim.lr, max(total_steps, 1))
     return optax.constant_schedule(optim.lr)
 
 
+def one_cycle(total_steps: int, warmup_fraction: float, start: float, peak: float, end: float) -> optax.Schedule:
+    """PyTorch's ``OneCycleLR`` curve, step for step: cosine from ``start`` at step 0 to ``peak`` at step
+    ``warmup_fraction * total_steps - 1``, then cosine to ``end`` at the last step, ``total_steps - 1``.
+
+    Written out because optax's ``cosine_onecycle_schedule`` reaches the peak and the end one step later.
+    Also PyTorch's momentum cycle (``start=end=max_momentum, peak=base_momentum``).
+    """
+    up, last = float(warmup_fraction * total_steps) - 1.0, float(max(total_steps, 1) - 1)
+
+    def anneal(a, b, pct):  # PyTorch's _annealing_cos: a at pct 0, b at pct 1.
+        return b + (a - b) / 2.0 * (jnp.cos(jnp.pi * pct) + 1.0)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.result_type(float))  # float32, or float64 where x64 is on (the PyTorch parity test).
+        rising = anneal(start, peak, step / up if up > 0 else 1.0)
+        falling = anneal(peak, end, (step - up) / (last - up) if last > up else 1.0)
+        return jnp.where(step <= up, rising, falling)
+
+    return schedule
+
+
 def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
-    """SGD (PyTorch-style coupled L2 weight decay, optional Nesterov), Adam (L2) or AdamW."""
+    """SGD (PyTorch-style coupled L2 weight decay, optional Nesterov), Adam (L2) or AdamW.
+
+    With ``optim.momentum_range = (base, max)`` (one-cycle SGD), the momentum cycles inversely to the lr from
+    ``max`` down to ``base`` at the peak and back, as PyTorch's ``OneCycleLR`` does by default (0.85, 0.95).
+    """
     schedule = make_schedule(optim, total_steps)
     if optim.name == "sgd":
-        return optax.chain(
-            optax.add_decayed_weights(optim.weight_decay),
-            optax.sgd(schedule, momentum=optim.momentum or None, nesterov=optim.nesterov),
-        )
+        momentum_range = tuple(optim.get("momentum_range", ()))  # Configs saved before the field: none.
+        if momentum_range:
+            base, top = momentum_range
+            momentum = one_cycle(total_steps, optim.warmup_fraction, top, base, top)
+            sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=momentum, nesterov=optim.nesterov)
+        else:
+            sgd = optax.sgd(schedule, momentum=optim.momentum or None, nesterov=optim.nesterov)
+        return optax.chain(optax.add_decayed_weights(optim.weight_decay), sgd)
     if optim.name == "adam":
         return optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(schedule))
     if optim.name == "adamw":

@@ -86,7 +86,7 @@ def test_onecycle_schedule_peaks_at_warmup_end():
     sched = train_lib.make_schedule(config.optim, 100)
     lrs = np.array([sched(i) for i in range(101)])
     assert abs(lrs.max() - config.optim.lr) < 1e-6
-    assert int(lrs.argmax()) == 25
+    assert int(lrs.argmax()) == 24  # PyTorch OneCycleLR's: the peak at step warmup_fraction * steps - 1
     assert lrs[0] == pytest.approx(config.optim.lr / 25) and lrs[-1] < lrs[0]
 
 

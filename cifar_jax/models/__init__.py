@@ -15,7 +15,7 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cifar_jax.models.resnet import CAM_LAYERS, NORMS, PARAM_GROUPS, STAGES, BasicBlock, Bottleneck, ResNet, ResNet10, ResNet18, ResNet34, ResNet50
+from cifar_jax.models.resnet import CAM_LAYERS, INITS, NORMS, PARAM_GROUPS, STAGES, BasicBlock, Bottleneck, ResNet, ResNet10, ResNet18, ResNet34, ResNet50
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -33,12 +33,12 @@ class Family:
 
 def resnet_kwargs(m, num_classes: int, conv_general_dilated=None) -> dict:
     """ResNet keyword arguments from a config's ``model`` block (width, dtype, norm_dtype, norm_backward,
-    zero_init_residual); fields missing from configs saved before they existed take their defaults."""
+    zero_init_residual, init); fields missing from configs saved before they existed take the value those runs used."""
     norm_dtype = m.get("norm_dtype", "same")
     return dict(width=m.width, num_classes=num_classes, dtype=DTYPES[m.dtype],
                 norm_dtype=None if norm_dtype == "same" else DTYPES[norm_dtype],
                 norm_backward=m.get("norm_backward", "autodiff"), zero_init_residual=m.zero_init_residual,
-                conv_general_dilated=conv_general_dilated)
+                weight_init=m.get("init", "he"), conv_general_dilated=conv_general_dilated)
 
 
 # Every model family; a new one is its module, a kwargs function and one entry here (docs/training.md).
@@ -124,6 +124,6 @@ class EvalLogits:
 
 
 __all__ = [
-    "CAM_LAYERS", "DTYPES", "FAMILIES", "MODELS", "NORMS", "PARAM_GROUPS", "STAGES", "Family", "BasicBlock", "Bottleneck", "ResNet", "ResNet10", "ResNet18", "ResNet34",
+    "CAM_LAYERS", "DTYPES", "FAMILIES", "INITS", "MODELS", "NORMS", "PARAM_GROUPS", "STAGES", "Family", "BasicBlock", "Bottleneck", "ResNet", "ResNet10", "ResNet18", "ResNet34",
     "ResNet50", "EvalLogits", "build_model", "eval_logits", "family_of", "get_model", "resnet_kwargs",
 ]

@@ -16,10 +16,13 @@ half with respect to ``acts``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cifar_jax.models.batchnorm import BatchNorm
@@ -40,8 +43,42 @@ PARAM_GROUPS = ("head", *reversed(STAGES[:5]))
 # would pad (0, 1) instead and give a different function for the same weights.
 PAD_3x3 = ((1, 1), (1, 1))
 
-# He-normal (fan_out) for convolutions, as torchvision initialises ResNets.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _uniform_fan_in_bias(fan_in: int):
+    """PyTorch's default bias init for a layer with ``fan_in`` inputs: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """How a ResNet's layers start: the convolutions' kernels, the head's kernel, and its bias (from its fan-in).
+
+    BatchNorm starts at scale 1, bias 0 (mean 0, var 1) under every scheme, as in PyTorch and Flax.
+    """
+
+    conv: Callable
+    head: Callable
+    head_bias: Callable[[int], Callable]  # fan_in -> bias initialiser
+
+
+# model.init -> Init. "pytorch": PyTorch's default for every Conv2d and Linear, which the original keeps:
+# kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in)) (variance 1/(3 fan_in)), and the Linear bias U(+-1/sqrt(fan_in)).
+# "he": torchvision's ResNet init, He-normal (variance 2/fan_out) convolutions, with Flax's default head
+# (LeCun-normal kernel, zero bias); 2.45x the std of "pytorch" for a 3x3 conv of equal in/out channels.
+INITS = {
+    "pytorch": Init(
+        conv=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+        head=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+        head_bias=_uniform_fan_in_bias,
+    ),
+    "he": Init(
+        conv=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        head=nn.initializers.lecun_normal(),
+        head_bias=lambda fan_in: nn.initializers.zeros,
+    ),
+}
 
 
 class BasicBlock(nn.Module):
@@ -139,6 +176,8 @@ class ResNet(nn.Module):
       norm_backward: "autodiff" (``nn.BatchNorm``) or "closed_form" (``batchnorm.BatchNorm``: the same
         variables and forward, a hand-written training gradient; equal within float tolerance).
       zero_init_residual: start each block's last BN scale at zero.
+      weight_init: a key of ``INITS`` (``model.init``): "pytorch" (the original's, PyTorch's default) or "he"
+        (torchvision's).
       act: the nonlinearity (guided backpropagation swaps in a guided ReLU).
       conv_general_dilated: the convolution every ``nn.Conv`` calls (None: ``lax.conv_general_dilated``),
         e.g. ``cifar_jax.onednn.conv_general_dilated`` on CPU; the parameters are the same either way.
@@ -152,6 +191,7 @@ class ResNet(nn.Module):
     norm_dtype: Any = None
     norm_backward: str = "autodiff"
     zero_init_residual: bool = False
+    weight_init: str = "pytorch"
     act: Callable = nn.relu
     conv_general_dilated: Callable | None = None
 
@@ -173,8 +213,11 @@ class ResNet(nn.Module):
         last = len(STAGES) if end is None else _stage_index(end)
         if first > last:
             raise ValueError(f"start={start!r} comes after end={end!r}")
+        if self.weight_init not in INITS:
+            raise ValueError(f"unknown weight_init {self.weight_init!r}; choose one of {', '.join(INITS)}")
+        init = INITS[self.weight_init]
         conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init, conv_general_dilated=self.conv_general_dilated
+            nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=init.conv, conv_general_dilated=self.conv_general_dilated
         )
         norm = functools.partial(
             NORMS[self.norm_backward], use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -202,7 +245,8 @@ class ResNet(nn.Module):
             elif name == "pool":
                 x = jnp.mean(x, axis=(1, 2))
             else:  # head: logits are always float32 for a stable softmax.
-                x = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)
+                x = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=init.head,
+                             bias_init=init.head_bias(x.shape[-1]), name="head")(x)
         return x
 
 

@@ -25,7 +25,9 @@ def train_steps(devices: int, steps: int = 3):
     config = base_config()
     config.model.name = "resnet10"
     config.model.width = 4
-    config.optim.lr = 0.05
+    # Gentle steps: the sharded and one-device reductions round differently, and a large step (PyTorch's small initial
+    # weights take ~6x larger effective ones than He's) grows that rounding past the comparison's tolerance.
+    config.optim.lr = 0.01
     batch = 16
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch * steps, 32, 32, 3), dtype=np.uint8)
