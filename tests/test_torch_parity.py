@@ -156,3 +156,27 @@ def _torch_copy(state) -> ResNet18:
     model = ResNet18(state.params["stem_conv"]["kernel"].shape[-1]).double()
     load_flax_variables(model, {"params": state.params, "batch_stats": state.batch_stats}, np.float64)
     return model
+
+
+def test_reference_augmentation_is_ours():
+    """The reference trainer's crop, mirror and cutout draw what cifar_jax.augment draws: every output image is the
+    padded original at an offset in [0, 2p] (mirrored or not), with one cutout square of zeros, clipped by the border."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 3, 32, 32)).astype(np.float32)
+    mean, std = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.25, 0.25, 0.25])
+    out = torch_reference.augment(torch.from_numpy(images), torch.Generator().manual_seed(0), mean, std,
+                                  crop_padding=4, pad_mode="reflect", flip=True, cutout=8).numpy()
+    padded = np.pad((images / 255.0 - 0.5) / 0.25, ((0, 0), (0, 0), (4, 4), (4, 4)), mode="reflect")
+    offsets, mirrored = set(), 0
+    for n in range(64):
+        kept = out[n] != 0  # outside the cutout square (a normalised pixel is never exactly 0 here)
+        rows, cols = np.nonzero(~kept[0])
+        assert 0 < len(rows) <= 64 and np.all(~kept[:, rows, cols])  # one square, all channels
+        assert rows.max() - rows.min() < 8 and cols.max() - cols.min() < 8
+        found = [(i, j, m) for i in range(9) for j in range(9) for m in (False, True)
+                 if np.allclose((lambda c: c[:, :, ::-1] if m else c)(padded[n, :, i:i + 32, j:j + 32])[kept],
+                                out[n][kept], atol=1e-5)]
+        assert found, n
+        offsets.add(found[0][:2])
+        mirrored += found[0][2]
+    assert len(offsets) > 20 and 16 < mirrored < 48  # the draws vary
