@@ -10,6 +10,11 @@ intentionally kept short.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Run as a command: a signal from here on ends it in one line (cifar_jax.early).
+    from cifar_jax import early
+
+    early.install()
+
 import argparse
 import json
 import sys

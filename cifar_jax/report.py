@@ -6,6 +6,11 @@ this at the end of every run. This file is intentionally kept short.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Run as a command: a signal from here on ends it in one line (cifar_jax.early).
+    from cifar_jax import early
+
+    early.install()
+
 import argparse
 import sys
 

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from cifar_jax import early
 from cifar_jax.errors import UserError
 
 
@@ -139,27 +140,40 @@ def _is_orbax_teardown_noise(unraisable) -> bool:
 
 
 def _quiet_unraisable(default_hook):
-    """An unraisable hook: orbax teardown noise is dropped; a Ctrl-C that Python discarded (raised in a weakref
-    callback, a finalizer, ...) is delivered again instead of printed as "Exception ignored"."""
+    """An unraisable hook: orbax teardown noise is dropped; a Ctrl-C (or SIGTERM, SIGHUP) that Python discarded
+    (raised in a weakref callback, a finalizer, ...) is delivered again instead of printed as "Exception ignored"."""
 
     def hook(unraisable):
         if issubclass(unraisable.exc_type, KeyboardInterrupt):
-            _send_sigint_soon()
+            _send_signal_soon(getattr(unraisable.exc_value, "signum", signal.SIGINT))
         elif not _is_orbax_teardown_noise(unraisable):
             default_hook(unraisable)
 
     return hook
 
 
-_pending_sigint: threading.Timer | None = None  # A discarded Ctrl-C on its way again (``_send_sigint_soon``).
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt: the same unwinding, exit 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _send_sigint_soon() -> None:
-    """SIGINT to this process 50 ms from now, from a timer thread (by then Python runs ordinary code again)."""
-    global _pending_sigint
-    _pending_sigint = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
-    _pending_sigint.daemon = True
-    _pending_sigint.start()
+def _interruption(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
+
+
+_pending: tuple[threading.Timer, int] | None = None  # A discarded signal on its way again (``_send_signal_soon``).
+
+
+def _send_signal_soon(signum: int) -> None:
+    """``signum`` to this process 50 ms from now, from a timer thread (by then Python runs ordinary code again)."""
+    global _pending
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    _pending = (timer, signum)
+    timer.start()
 
 
 def _where_python_discards_exceptions(frame) -> bool:
@@ -174,14 +188,15 @@ def _where_python_discards_exceptions(frame) -> bool:
     return False
 
 
-def _on_sigint(signum, frame):
-    """Ctrl-C as KeyboardInterrupt, sent again 50 ms later if it arrived where Python would discard it."""
-    global _pending_sigint
+def _on_signal(signum, frame):
+    """SIGINT as KeyboardInterrupt, SIGTERM/SIGHUP as ``Stopped``; sent again 50 ms later if it arrived where Python
+    would discard the exception."""
+    global _pending
     if _where_python_discards_exceptions(frame):
-        _send_sigint_soon()
+        _send_signal_soon(signum)
         return
-    _pending_sigint = None
-    raise KeyboardInterrupt
+    _pending = None
+    raise _interruption(signum)
 
 
 def keep_freed_memory() -> bool:
@@ -233,7 +248,8 @@ def describe_os_error(e: OSError) -> str:
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    """Runs a CLI body: a ``UserError`` prints ``error: <one line>`` and returns its exit code; Ctrl-C returns 130.
+    """Runs a CLI body: a ``UserError`` prints ``error: <one line>`` and returns its exit code; Ctrl-C returns 130,
+    SIGTERM 143, SIGHUP 129, each after one line (``early`` covers the imports before this).
 
     An ``OSError`` (a path too long, a read-only or full disk, no permission) prints ``error: cannot use PATH:
     <the OS's words>; <what to do>`` and returns 1.
@@ -241,17 +257,18 @@ def run_cli(main: Callable[[], int]) -> int:
     Returns the body's own exit code otherwise. Library logs are quietened and glibc told to keep freed
     memory (``keep_freed_memory``) first.
     """
-    global _interrupted, _pending_sigint
+    global _interrupted, _pending
     keep_freed_memory()
     quiet_library_logs()
     sys.unraisablehook = _quiet_unraisable(sys.__unraisablehook__)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, _on_sigint) if in_main_thread else None
+    previous = {s: signal.signal(s, _on_signal) for s in early.SIGNALS} if in_main_thread else {}
     try:
         code = main()
-        if _pending_sigint is not None:  # Ctrl-C was discarded where Python ignores exceptions, just before the end.
-            _pending_sigint.cancel()
-            raise KeyboardInterrupt
+        if _pending is not None:  # A signal was discarded where Python ignores exceptions, just before the end.
+            timer, signum = _pending
+            timer.cancel()
+            raise _interruption(signum)
         return code
     except UserError as e:
         print(f"{e.prefix}{e.message}", file=sys.stderr)
@@ -259,13 +276,14 @@ def run_cli(main: Callable[[], int]) -> int:
     except OSError as e:
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        _interrupted, _pending_sigint = True, None
-        print("\ninterrupted (Ctrl-C); nothing was left half-written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        _interrupted, _pending = True, None
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\ninterrupted ({early.describe(signum)}); nothing was left half-written", file=sys.stderr)
+        return 128 + signum
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 _interrupted = False  # Set by run_cli when Ctrl-C ended the command.

@@ -17,6 +17,11 @@ not trained again.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Run as a command: a signal from here on ends it in one line (cifar_jax.early).
+    from cifar_jax import early
+
+    early.install()
+
 import argparse
 import importlib.util
 import json
@@ -117,10 +122,27 @@ def run_jobs(jobs: list[dict], parallel: int, memory_fraction: float, deadline: 
     """Starts up to ``parallel`` train processes at a time; fills each job's ``rc`` and ``wall_s``.
 
     At ``deadline`` (a ``time.time()``) unfinished runs get SIGTERM (they save and exit), and SIGKILL ``grace``
-    seconds later, so the table is still written within ``grace`` seconds of the deadline.
+    seconds later, so the table is still written within ``grace`` seconds of the deadline. A signal to the sweep
+    itself (Ctrl-C, SIGTERM, SIGHUP) stops its runs the same way before it exits 128 + signal.
     """
     env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{memory_fraction:.3f}", "PYTHONUNBUFFERED": "1"}
-    pending, running = list(jobs), []
+    running = []
+    try:
+        _run_jobs(list(jobs), running, parallel, env, deadline, grace)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP to the sweep: its runs save and stop as well.
+        for job in running:
+            job["proc"].terminate()
+        for job in running:
+            try:
+                job["proc"].wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                job["proc"].kill()
+                job["proc"].wait()
+            job["log"].close()
+        raise
+
+
+def _run_jobs(pending: list[dict], running: list[dict], parallel: int, env: dict, deadline: float, grace: float):
     while (pending and time.time() < deadline) or running:
         while pending and len(running) < parallel and time.time() < deadline:
             job = pending.pop(0)

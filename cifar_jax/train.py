@@ -13,6 +13,11 @@ import time
 
 STARTED = time.time()  # Before the heavy imports below: the "startup" phase of the run's timings starts here.
 
+if __name__ == "__main__":  # Run as a command: a signal from here on ends it in one line (cifar_jax.early).
+    from cifar_jax import early
+
+    early.install()
+
 import argparse
 import contextlib
 import dataclasses
@@ -30,6 +35,7 @@ import optax
 from tqdm.auto import tqdm
 
 from cifar_jax import checkpoints as ckpt
+from cifar_jax import early
 from cifar_jax import feeds, reporting, runtime, train_lib
 from cifar_jax import workdir as workdir_lib
 from cifar_jax.config import DTYPES, apply_overrides, describe_fields, load_config, resolve_dtype, validate
@@ -390,13 +396,13 @@ class _Stop:
 
 @contextlib.contextmanager
 def catch_signals():
-    """Within the block, SIGINT/SIGTERM only set ``.signum`` on the yielded object; the loop saves and stops."""
+    """Within the block, SIGINT/SIGTERM/SIGHUP only set ``.signum`` on the yielded object; the loop saves and stops."""
     stop = _Stop()
 
     def on_signal(signum, frame):
         stop.signum = signum
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, on_signal) for s in early.SIGNALS}
     try:
         yield stop
     finally:

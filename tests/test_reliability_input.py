@@ -270,14 +270,14 @@ def _has_open(proc: subprocess.Popen, target: Path) -> bool:
     return False
 
 
-def _interrupt(proc: subprocess.Popen, timeout: float = 90.0):
-    """SIGINT, repeated every 30 s until the process ends (JAX's C++ may hold the first one back).
+def _interrupt(proc: subprocess.Popen, timeout: float = 90.0, signum: int = signal.SIGINT):
+    """SIGINT (or ``signum``), repeated every 30 s until the process ends (JAX's C++ may hold the first one back).
 
     Not sooner: a second Ctrl-C while the process is already exiting is another test.
     """
     deadline = time.time() + timeout
     while True:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         try:
             out, err = proc.communicate(timeout=30)
             return proc.returncode, out, err
@@ -339,7 +339,8 @@ def test_ctrl_c_while_building_the_model_and_compiling_exits_130(cifar_archive, 
         assert not [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
 
 
-def test_ctrl_c_while_building_the_report_keeps_the_old_report(smoke_workdir, full_cifar_archive, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_building_the_report_keeps_the_old_report(smoke_workdir, full_cifar_archive, tmp_path, signum):
     workdir = tmp_path / "run"
     shutil.copytree(smoke_workdir, workdir)
     old = (workdir / "REPORT.md").read_bytes()
@@ -348,8 +349,8 @@ def test_ctrl_c_while_building_the_report_keeps_the_old_report(smoke_workdir, fu
                   env={"CIFAR_JAX_CACHE": str(cache), "CIFAR_JAX_NO_COMPILE_CACHE": "1"})
     _wait_until_open(proc, full_cifar_archive)
     time.sleep(0.5)
-    rc, out, err = _interrupt(proc)
-    assert rc == 130, (rc, out[-500:], err)  # Whether the report finished (out) tells a lost signal from a late one.
+    rc, out, err = _interrupt(proc, signum=signum)
+    assert rc == 128 + signum, (rc, out[-500:], err)  # Whether the report finished (out) tells a lost signal from a late one.
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert len([line for line in err.strip().splitlines() if line.strip()]) == 1, err
     assert (workdir / "REPORT.md").read_bytes() == old
