@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cifar_jax.files import atomic_path
+from cifar_jax.files import atomic_path, write_text_atomic
 
 SOURCE = Path(__file__).parent / "native" / "onednn_conv.cc"
 TARGETS = {
@@ -78,6 +78,8 @@ def _library_path() -> Path:
     digest = out.with_suffix(".sha256")  # Written after a complete build; a damaged .so would crash dlopen.
     if out.is_file() and digest.is_file() and digest.read_text() == hashlib.sha256(out.read_bytes()).hexdigest():
         return out
+    if out.is_file():  # Built before, but damaged since (or its digest is): once, and rebuilt below.
+        print(f"warning: the oneDNN extension {str(out)!r} is damaged; building it again", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler = os.environ.get("CXX", "g++")
     with atomic_path(out, suffix=".so") as tmp:  # Built beside, renamed when complete: never half a library.
@@ -90,7 +92,7 @@ def _library_path() -> Path:
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])
             raise RuntimeError(f"compiling the oneDNN extension failed: {first or f'{compiler} exited with {done.returncode}'}")
-    digest.write_text(hashlib.sha256(out.read_bytes()).hexdigest())
+    write_text_atomic(digest, hashlib.sha256(out.read_bytes()).hexdigest())
     return out
 
 

@@ -10,14 +10,18 @@ import errno
 import gc
 import logging
 import os
+import json
 import signal
 import sys
 import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
 from cifar_jax import early
 from cifar_jax.errors import UserError
+from cifar_jax.files import write_text_atomic
 
 
 def default_cache_dir() -> Path:
@@ -111,6 +115,58 @@ def enable_compilation_cache() -> None:
         return
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    heal_compilation_cache(cache)
+
+
+COMPILE_ENTRY = "*-cache"  # How JAX names the entries of its persistent compilation cache (jax/_src/lru_cache.py).
+CHECKED = "checked.json"  # The entries already read whole: {file name: [size, mtime_ns]}.
+
+
+def heal_compilation_cache(cache: Path, settle_s: float = 10.0) -> list[str]:
+    """Removes the entries of JAX's compilation cache in ``cache`` that no longer decompress; returns their names.
+
+    JAX writes an entry in place, not atomically, and never replaces one: an entry cut short by a crash or a full
+    disk would be read, fail ("Error -5 while decompressing data") and be compiled again on every run, each time
+    with a warning. Here a damaged entry costs one ``warning:`` line, once, and is compiled and written anew by the
+    run. Each entry is read once (``CHECKED`` lists those found whole, by size and modification time); entries
+    younger than ``settle_s`` may still be being written by another process and wait for the next run. JAX's own
+    warnings about damaged entries are silenced: this is where they are reported.
+    """
+    warnings.filterwarnings("ignore", message="Error reading persistent compilation cache entry")
+    try:
+        from jax._src.compilation_cache import decompress_executable  # How JAX reads its entries (zstd or zlib).
+    except ImportError:  # A JAX without it: entries are not checked.
+        return []
+    try:
+        checked = json.loads((cache / CHECKED).read_text())
+        checked = checked if isinstance(checked, dict) else {}
+    except (OSError, ValueError):  # None yet, or damaged itself: read every entry again.
+        checked = {}
+    damaged, now, changed = [], time.time_ns(), False
+    for entry in sorted(cache.glob(COMPILE_ENTRY)):
+        try:
+            stat = entry.stat()
+            if checked.get(entry.name) == [stat.st_size, stat.st_mtime_ns] or now - stat.st_mtime_ns < settle_s * 1e9:
+                continue
+            decompress_executable(entry.read_bytes())
+            checked[entry.name], changed = [stat.st_size, stat.st_mtime_ns], True
+        except OSError:  # Gone (another process healed or evicted it) or unreadable: not ours to judge.
+            continue
+        except Exception:  # Does not decompress: damaged.
+            damaged.append(entry.name)
+            entry.unlink(missing_ok=True)
+            checked.pop(entry.name, None)
+            changed = True
+    if changed:
+        present = {p.name for p in cache.glob(COMPILE_ENTRY)}
+        try:
+            write_text_atomic(cache / CHECKED, json.dumps({k: v for k, v in checked.items() if k in present}))
+        except OSError:  # Read again next time: slower, not wrong.
+            pass
+    if damaged:
+        print(f"warning: removed {len(damaged)} damaged entr{'y' if len(damaged) == 1 else 'ies'} of the compilation "
+              f"cache {str(cache)!r} (cut short by a crash or a full disk); compiling them again", file=sys.stderr)
+    return damaged
 
 
 def initialize_devices(config) -> None:

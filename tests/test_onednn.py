@@ -240,17 +240,21 @@ def test_keep_freed_memory_sets_glibc_options_and_can_be_turned_off(monkeypatch)
     assert runtime.keep_freed_memory() is True
 
 
-def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
+def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path, capsys):
     if not onednn.available():
         pytest.skip("oneDNN not installed")
     monkeypatch.setenv("CIFAR_JAX_CACHE", str(tmp_path / "cache"))
     path = onednn._library_path()  # A fresh build in the empty cache.
     size = path.stat().st_size
+    assert capsys.readouterr().err == ""
     path.write_bytes(path.read_bytes()[:1000])  # Truncated, as by a full disk or a killed copy (dlopen would crash on it).
     onednn._load.cache_clear()
     try:
         assert onednn._load() is None  # Checked against its digest, rebuilt, loaded: not a crash, not unavailable.
         assert path.stat().st_size == size
+        assert capsys.readouterr().err.strip().splitlines() == [f"warning: the oneDNN extension {str(path)!r} is damaged; building it again"]
+        onednn._load.cache_clear()
+        assert onednn._load() is None and capsys.readouterr().err == ""  # Once.
     finally:
         onednn._load.cache_clear()
         monkeypatch.delenv("CIFAR_JAX_CACHE")

@@ -1,10 +1,13 @@
-"""Signals at any moment of any command: one line on stderr, exit 128 + signal, nothing half-written."""
+"""Signals at any moment of any command: one line on stderr, exit 128 + signal, nothing half-written; caches that
+heal: a damaged entry costs one warning line, once."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +90,45 @@ def test_sigterm_to_a_sweep_stops_its_runs_too(cifar_archive, tmp_path):
     assert proc.returncode == 143, err
     assert err.strip() == "interrupted (SIGTERM); nothing was left half-written"
     assert "SIGTERM: saved step" in log.read_text() and "run the same command again to resume" in log.read_text()
+
+
+def test_a_damaged_compilation_cache_entry_costs_one_warning_once_and_is_rebuilt(tmp_path):
+    """Entries cut short (a crash or a full disk while JAX wrote them): one warning line on the next run, the same
+    results, and the entries written again, so the run after that is silent."""
+    env = {**os.environ, "CIFAR_JAX_CACHE": str(tmp_path)}
+    env.pop("CIFAR_JAX_NO_COMPILE_CACHE", None)
+    run = lambda: subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "cached_compile.py")], cwd=ROOT,
+                                 capture_output=True, text=True, env=env, timeout=120)
+    first = run()
+    assert first.returncode == 0 and first.stderr == "", first.stderr
+    entries = sorted((tmp_path / "jax").glob(runtime.COMPILE_ENTRY))
+    assert len(entries) >= 2
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # Cut short...
+        os.utime(entry, ns=(0, 0))  # ...long ago (entries being written just now are left for the next run).
+    second = run()
+    assert second.returncode == 0 and second.stdout == first.stdout, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: removed {len(entries)} damaged entries"), second.stderr
+    rebuilt = sorted((tmp_path / "jax").glob(runtime.COMPILE_ENTRY))
+    assert [e.name for e in rebuilt] == [e.name for e in entries] and all(e.stat().st_size > 100 for e in rebuilt)
+    for entry in rebuilt:
+        os.utime(entry, ns=(0, 0))
+    third = run()
+    assert third.returncode == 0 and third.stderr == "" and third.stdout == first.stdout, third.stderr
+
+
+def test_compilation_cache_entries_are_read_once(tmp_path, monkeypatch):
+    """A whole entry is read on the first run only; one that is still being written (recent) is left alone."""
+    from jax._src.compilation_cache import compress_executable
+
+    old, recent = tmp_path / "a-cache", tmp_path / "b-cache"
+    for entry in (old, recent):
+        entry.write_bytes(compress_executable(b"executable"))
+    os.utime(old, ns=(0, 0))
+    recent.write_bytes(b"half written")
+    assert runtime.heal_compilation_cache(tmp_path) == []  # The recent one waits.
+    read = []
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or b"")
+    assert runtime.heal_compilation_cache(tmp_path) == [] and read == []
+    assert json.loads((tmp_path / runtime.CHECKED).read_text()).keys() == {"a-cache"}
