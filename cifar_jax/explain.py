@@ -24,7 +24,7 @@ import numpy as np
 
 from cifar_jax import runtime
 from cifar_jax.errors import UserError
-from cifar_jax.files import atomic_path, write_text_atomic
+from cifar_jax.files import atomic_path, atomic_paths
 from cifar_jax.inference import METHOD_LABELS, ExplainError, canonical_method
 
 
@@ -183,8 +183,9 @@ def evaluate(trained, args, out: Path) -> int:
     text, record = faithfulness_table.trained_model_report(trained, ds.test_images, ds.test_labels, methods=methods,
                                                      seed=args.seed, layer=args.layer, progress=True)
     print(text)
-    write_text_atomic(out / "faithfulness.md", text)
-    write_text_atomic(out / "faithfulness.json", json.dumps(record, indent=1, default=float))
+    with atomic_paths(out / "faithfulness.md", out / "faithfulness.json") as (md, js):  # Replaced together.
+        md.write_text(text)
+        js.write_text(json.dumps(record, indent=1, default=float))
     print(f"Faithfulness table written to {out / 'faithfulness.md'} and {out / 'faithfulness.json'}")
     return 0
 

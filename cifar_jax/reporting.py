@@ -19,7 +19,7 @@ import numpy as np
 
 from cifar_jax import inference, viz
 from cifar_jax.errors import UserError
-from cifar_jax.files import write_text_atomic
+from cifar_jax.files import atomic_paths
 
 REPORT_FILES = ("curves.png", "confusion_matrix.png", "misclassified.png", "gradcam.png", "classification_reports.md", "model_summary.txt")
 
@@ -176,25 +176,28 @@ def build_report(workdir, data_path: str | None = None, num_images: int = 20, st
     ds = inference.load_run_data(trained, data_path)
     names = list(trained.class_names)
 
-    plot_curves(history, workdir / "curves.png")
-    preds = inference.predict(trained, ds.test_images, ds.test_labels, progress=progress)
-    plot_confusion(ds.test_labels, preds.predicted, names, workdir / "confusion_matrix.png")
-    worst = inference.misclassified_by_loss(preds)[:num_images]
-    if len(worst):
-        images = ds.test_images[worst]
-        expl = inference.explain(trained, images, preds.predicted[worst], method="gradcam", layer=trained.cam_layer)
-        titles = _titles(preds, worst, names)
-        viz.image_grid(workdir / "misclassified.png", images, titles, cols=5, title="Misclassified test images, highest loss first")
-        viz.image_grid(workdir / "gradcam.png", images, titles, overlays=viz.explanation_pictures(images, expl), cols=5,
-                       title=f"Grad-CAM ({trained.cam_layer}, predicted class) over misclassified test images")
-    report = class_report(ds.test_labels, preds.predicted, names)
-    per_epoch = [f"## Epoch {r['epoch']}\n\n" + format_report_table(r["classification_report"], names)
-                 for r in history if "classification_report" in r]
-    write_text_atomic(workdir / "classification_reports.md",
-                      "# Per-epoch classification reports (test set)\n\n" + "\n\n".join(per_epoch) + "\n")
-    path = workdir / "REPORT.md"
-    write_text_atomic(path, _report_text(trained, history, ds, preds, worst, report))
-    return Report(path, preds, worst)
+    files = ("curves.png", "confusion_matrix.png", "misclassified.png", "gradcam.png", "classification_reports.md",
+             "REPORT.md")
+    with atomic_paths(*(workdir / f for f in files)) as tmp:  # The report and its plots are replaced together.
+        out = dict(zip(files, tmp))
+        plot_curves(history, out["curves.png"])
+        preds = inference.predict(trained, ds.test_images, ds.test_labels, progress=progress)
+        plot_confusion(ds.test_labels, preds.predicted, names, out["confusion_matrix.png"])
+        worst = inference.misclassified_by_loss(preds)[:num_images]
+        if len(worst):
+            images = ds.test_images[worst]
+            expl = inference.explain(trained, images, preds.predicted[worst], method="gradcam", layer=trained.cam_layer)
+            titles = _titles(preds, worst, names)
+            viz.image_grid(out["misclassified.png"], images, titles, cols=5, title="Misclassified test images, highest loss first")
+            viz.image_grid(out["gradcam.png"], images, titles, overlays=viz.explanation_pictures(images, expl), cols=5,
+                           title=f"Grad-CAM ({trained.cam_layer}, predicted class) over misclassified test images")
+        report = class_report(ds.test_labels, preds.predicted, names)
+        per_epoch = [f"## Epoch {r['epoch']}\n\n" + format_report_table(r["classification_report"], names)
+                     for r in history if "classification_report" in r]
+        out["classification_reports.md"].write_text(
+            "# Per-epoch classification reports (test set)\n\n" + "\n\n".join(per_epoch) + "\n")
+        out["REPORT.md"].write_text(_report_text(trained, history, ds, preds, worst, report))
+    return Report(workdir / "REPORT.md", preds, worst)
 
 
 def _titles(preds, indices, names) -> list[str]:

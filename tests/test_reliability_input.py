@@ -358,7 +358,7 @@ def test_ctrl_c_while_building_the_report_keeps_the_old_report(smoke_workdir, fu
 
 
 def test_report_files_are_written_atomically(tmp_path, monkeypatch):
-    from cifar_jax import reporting
+    from cifar_jax import files
 
     path = tmp_path / "REPORT.md"
     path.write_text("old report\n")
@@ -366,11 +366,13 @@ def test_report_files_are_written_atomically(tmp_path, monkeypatch):
     def interrupted_rename(*args):  # Ctrl-C arrives just before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(reporting.os, "replace", interrupted_rename)
+    monkeypatch.setattr(files.os, "replace", interrupted_rename)
     with pytest.raises(KeyboardInterrupt):
-        reporting.write_text_atomic(path, "new report\n")
+        with files.atomic_paths(path) as (tmp,):
+            tmp.write_text("new report\n")
     monkeypatch.undo()
     assert path.read_text() == "old report\n"
     assert [p.name for p in tmp_path.iterdir()] == ["REPORT.md"]
-    reporting.write_text_atomic(path, "new report\n")
+    with files.atomic_paths(path) as (tmp,):
+        tmp.write_text("new report\n")
     assert path.read_text() == "new report\n" and [p.name for p in tmp_path.iterdir()] == ["REPORT.md"]
