@@ -129,13 +129,20 @@ def batch_sharded(mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+# XLA options for a program that runs once (the initialisation): optimising its random draws cost more than running
+# them unoptimised (ResNet18 width 64 on 2 CPU cores: compile 9.4 s + run 0.15 s against 2.3 s + 0.8 s); the values
+# are the optimised program's up to float rounding (1 ulp), the same every time.
+RUN_ONCE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def create_sharded_state(model, tx, seed: int, mesh, image_size: int = 32) -> TrainState:
-    """create_train_state compiled with a replicated output, so every host builds the same state."""
+    """create_train_state compiled (``RUN_ONCE``) with a replicated output, so every host builds the same state."""
     init = jax.jit(
         lambda key: create_train_state(model, tx, key, image_size),
         out_shardings=replicated(mesh),
     )
-    return init(jax.random.key(seed))
+    key = jax.random.key(seed)
+    return init.lower(key).compile(compiler_options=RUN_ONCE)(key)
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
