@@ -14,7 +14,7 @@ source "$(dirname "$0")/gpu_env.sh"
 
 if [ "$SMOKE" = 1 ]; then
   CONFIG=experiments/smoke.py; SEEDS="0 1"; SWEEP_EXTRA="--parallel 2 --set epochs=1 --set data.max_train=256"
-  TORCH_EXTRA="epochs=1 data.max_train=256 model.width=4"; PROBE="--config.data.max_train=256"
+  TORCH_EXTRA="epochs=1 data.max_train=512 model.width=4"  # 8 steps: OneCycleLR fails below 2 warm-up steps; PROBE="--config.data.max_train=256"
 else
   CONFIG=experiments/resnet18.py; SEEDS="0 1 2"; SWEEP_EXTRA="--parallel 12 --memory-fraction 0.07"; TORCH_EXTRA=""
   PROBE=""

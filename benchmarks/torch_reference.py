@@ -63,6 +63,9 @@ def make_optimizer(model: nn.Module, optim, total_steps: int):
     opt = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
                           weight_decay=optim.weight_decay)
     if optim.schedule == "onecycle":
+        if optim.warmup_fraction * total_steps <= 1:  # OneCycleLR divides by zero there (cifar_jax does not).
+            raise SystemExit(f"torch_reference: OneCycleLR needs optim.warmup_fraction * steps > 1, got "
+                             f"{optim.warmup_fraction} * {total_steps}")
         base, top = momentum_range or (optim.momentum, optim.momentum)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=optim.lr, total_steps=total_steps, pct_start=optim.warmup_fraction, anneal_strategy="cos",
