@@ -1,7 +1,8 @@
 """The original's model and budget: ResNet18 (width 64, 11,173,962 parameters), 20 epochs, batch 512.
 
 Meant for a GPU or TPU; the recipe choices and their measured ablations (one H200, the JPEG copy of CIFAR-10) are
-in docs/recipes.md. Run from the project root:
+in docs/recipes.md. It keeps the base config's initialisation, PyTorch's default (the original's); the GPU figures
+measured so far used He's (``--config.model.init=he`` reproduces them). Run from the project root:
 
     python -m cifar_jax.train --config experiments/resnet18.py --workdir runs/resnet18
 """

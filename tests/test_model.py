@@ -221,3 +221,30 @@ def test_every_registered_model_builds_from_a_config_and_its_family_names_its_mo
     assert set(family.param_groups) == tops and family.param_groups[0] == "head"
     assert set(family.cam_layers) < tops
     assert (CAM_LAYERS, PARAM_GROUPS) == (family.cam_layers, family.param_groups)  # The ResNets' own.
+
+
+def _weights(init: str, width: int = 32) -> dict:
+    from flax.traverse_util import flatten_dict
+
+    model = get_model("resnet18", width=width, weight_init=init)
+    params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+    return {"/".join(path): np.asarray(v) for path, v in flatten_dict(params).items()}
+
+
+def test_init_schemes_draw_pytorch_s_default_or_torchvision_s_he():
+    """"pytorch": U(+-1/sqrt(fan_in)) for every conv and the head, its bias too; "he": He-normal fan_out convs (2.45x
+    PyTorch's std for a 3x3 conv of equal widths), zero head bias. (tests/test_torch_parity.py: against torch itself.)"""
+    pt, he = _weights("pytorch"), _weights("he")
+    for name, w in pt.items():
+        if name.endswith("kernel"):
+            fan_in = int(np.prod(w.shape[:-1]))
+            assert 0.9 / np.sqrt(fan_in) < np.abs(w).max() <= (1 + 1e-6) / np.sqrt(fan_in), name
+            if w.size >= 4096:
+                assert w.std() == pytest.approx(1 / np.sqrt(3 * fan_in), rel=0.05), name
+    assert 0 < np.abs(pt["head/bias"]).max() <= 1 / np.sqrt(256)
+    w = he["layer2/block1/conv1/kernel"]  # (3, 3, 64, 64)
+    assert w.std() == pytest.approx(np.sqrt(2 / (9 * 64)), rel=0.03)
+    assert w.std() / pt["layer2/block1/conv1/kernel"].std() == pytest.approx(np.sqrt(6), rel=0.05)
+    assert np.all(he["head/bias"] == 0)
+    with pytest.raises(ValueError, match="unknown weight_init 'xavier'"):
+        get_model("resnet10", width=4, weight_init="xavier").init(jax.random.key(0), np.zeros((1, 32, 32, 3)))

@@ -51,15 +51,6 @@ def test_pytorch_init_draws_what_pytorch_draws():
     assert all(np.all(ours[k] == (1 if k.endswith("weight") else 0)) for k in ours if "bn" in k)
 
 
-def test_he_init_is_torchvision_s_and_larger_than_pytorch_s():
-    """model.init="he" is He-normal fan_out: std sqrt(2 / fan_out), 2.45x PyTorch's for a 3x3 conv of equal widths."""
-    he, pt = flax_weights("he", width=32), flax_weights("pytorch", width=32)
-    w = he["layer2.block1.conv1.weight"]  # (3, 3, 64, 64)
-    assert w.std() == pytest.approx(np.sqrt(2 / (9 * 64)), rel=0.03)
-    assert w.std() / pt["layer2.block1.conv1.weight"].std() == pytest.approx(np.sqrt(6), rel=0.05)
-    assert np.all(he["head.bias"] == 0)
-
-
 def test_one_cycle_lr_and_momentum_are_pytorch_s_step_for_step():
     optim = apply_overrides(base_config(), ["optim.momentum_range=(0.85, 0.95)", "optim.warmup_fraction=0.3"]).optim
     total = 97  # warmup_fraction * total is not a whole number of steps.
