@@ -3,8 +3,9 @@
 Each CLI module calls ``install()`` before it imports jax, flax or optax (seconds of imports, when a person is
 likeliest to press Ctrl-C on a mistyped command). Until the command's own handling takes over (``runtime.run_cli``,
 and in ``train`` the epoch loop's save-and-stop), SIGINT, SIGTERM and SIGHUP print one line and exit 128 + the
-signal's number: 130, 143, 129. Nothing has been written yet at that point, so ``os._exit`` loses nothing.
-Standard library only: this module must not itself be slow to import.
+signal's number: 130, 143, 129. Nothing has been written yet at that point, so ``os._exit`` loses nothing; after
+``run_cli`` has returned (``finished``) everything is written and closed, and the same holds. Standard library
+only: this module must not itself be slow to import.
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ def describe(signum: int) -> str:
     return SIGNALS.get(signum) or signal.Signals(signum).name
 
 
+_when = "while starting; nothing was written"  # What the line says; ``finished()`` changes it.
+
+
 def _exit_now(signum, frame):
-    os.write(2, f"\ninterrupted ({describe(signum)}) while starting; nothing was written\n".encode())
+    os.write(2, f"\ninterrupted ({describe(signum)}) {_when}\n".encode())
     os._exit(128 + signum)
+
+
+def finished() -> None:
+    """The command's work is over (``runtime.run_cli`` returned): a signal now only cuts the interpreter's exit short."""
+    global _when
+    _when = "while exiting; everything was written"
 
 
 def install() -> None:

@@ -338,6 +338,7 @@ def run_cli(main: Callable[[], int]) -> int:
         print(f"\ninterrupted ({early.describe(signum)}); nothing was left half-written", file=sys.stderr)
         return 128 + signum
     finally:
+        early.finished()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
