@@ -1,8 +1,10 @@
 """Signals at evenly spaced moments of every command: exit status, stderr lines, anything half-written.
 
-For each command it first times one uninterrupted run (T), then runs it again N times and sends SIGINT, SIGTERM or
+For each command it first times one uninterrupted run (T; after one more that fills the compilation cache, so T
+is what the interrupted runs take), then runs it again N times and sends SIGINT, SIGTERM or
 SIGHUP (in turn) at k * T / (N + 1), k = 1..N, from the process's first instant to its last. A moment passes when
-the command exits 128 + signal (or 0 if it had already finished), prints at most one stderr line, leaves no
+the command exits 128 + signal (or 0 if it had already finished), prints at most one stderr line (progress bars
+aside), leaves no
 temporary file, and, for explain --evaluate, leaves faithfulness.md and faithfulness.json from the same run.
 
     python benchmarks/signal_moments.py --moments 10          # ~15 min on 2 cores (trains a smoke workdir first)
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PROGRESS = re.compile(r"\|\s*\d+/\d+ \[")  # A tqdm bar's line ("| 1/7 [00:11<01:09, ...]"): progress, not a message.
 
 
 def commands(work: Path, trained: Path) -> dict[str, tuple[list[str], Path]]:
@@ -54,7 +57,7 @@ def run_once(args: list[str], folder: Path, at: float | None, signum: int, seed:
         except subprocess.TimeoutExpired:
             proc.send_signal(signum)
     out, err = proc.communicate(timeout=600)
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.search(line)]
     temporary = [str(p) for p in folder.rglob("*") if ".tmp" in p.name] if folder.exists() else []
     paired = True
     md, js = folder / "explain" / "faithfulness.md", folder / "explain" / "faithfulness.json"
@@ -90,6 +93,7 @@ def main(argv=None) -> int:
                 shutil.copytree(trained, target)
             return target
 
+        run_once(cmd, folder(), None, 0)  # Fills the compilation cache: the moments' runs are warm ones.
         clean = run_once(cmd, folder(), None, 0)
         total = clean["seconds"]
         if base == trained:  # The next runs start from what the clean run wrote (explain's outputs included).

@@ -5,6 +5,7 @@ Nothing here computes; each function is called once at the start of a CLI.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import gc
@@ -313,7 +314,7 @@ def run_cli(main: Callable[[], int]) -> int:
     Returns the body's own exit code otherwise. Library logs are quietened and glibc told to keep freed
     memory (``keep_freed_memory``) first.
     """
-    global _interrupted, _pending
+    global _pending
     keep_freed_memory()
     quiet_library_logs()
     sys.unraisablehook = _quiet_unraisable(sys.__unraisablehook__)
@@ -333,7 +334,7 @@ def run_cli(main: Callable[[], int]) -> int:
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        _interrupted, _pending = True, None
+        _pending = None
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"\ninterrupted ({early.describe(signum)}); nothing was left half-written", file=sys.stderr)
         return 128 + signum
@@ -343,19 +344,18 @@ def run_cli(main: Callable[[], int]) -> int:
             signal.signal(signum, handler)
 
 
-_interrupted = False  # Set by run_cli when Ctrl-C ended the command.
-
-
 def exit_process(code: int) -> None:
-    """``sys.exit(code)`` for a CLI's ``__main__``; after a Ctrl-C, exits at once with ``os._exit``.
+    """Ends a CLI's process with ``code``: the ``atexit`` functions run, stdout and stderr are flushed, then ``os._exit``.
 
-    Ctrl-C during a JAX compilation abandons it while XLA's threads are still compiling; the
-    interpreter's normal teardown then waits on them and can crash (observed: 20 s, then
-    SIGSEGV instead of exit code 130). Every file is written atomically and already closed
-    by then, so skipping the teardown loses nothing.
+    Not the interpreter's own teardown: it resets the signal handlers to the system's defaults before it ends, so a
+    Ctrl-C in its last moments killed the process without a word (seen: exit -2 after the work was done), and JAX's
+    teardown can take seconds (after a Ctrl-C during a compilation it waited on XLA's threads, then crashed: 20 s,
+    then SIGSEGV). Every file is written atomically and closed by then; until ``os._exit`` a signal still gets
+    ``early``'s one line.
     """
-    if _interrupted:
+    try:
+        atexit._run_exitfuncs()  # What the libraries registered (JAX's distributed shutdown, logging's flush, ...).
+    finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    sys.exit(code)

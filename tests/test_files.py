@@ -50,7 +50,6 @@ def test_a_signal_between_the_renames_of_a_group_leaves_all_new_files(tmp_path, 
         return 0
 
     assert runtime.run_cli(command) == 128 + signum
-    runtime._interrupted = False
     assert len(renamed) == 2 and table.read_text() == "new\n" and json.loads(record.read_text()) == {"run": "new"}
     assert capsys.readouterr().err.strip().startswith("interrupted (")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["faithfulness.json", "faithfulness.md"]
