@@ -3,7 +3,7 @@
 For each command it first times one uninterrupted run (T; after one more that fills the compilation cache, so T
 is what the interrupted runs take), then runs it again N times and sends SIGINT, SIGTERM or
 SIGHUP (in turn) at k * T / (N + 1), k = 1..N, from the process's first instant to its last. A moment passes when
-the command exits 128 + signal (or 0 if it had already finished), prints at most one stderr line (progress bars
+the command exits 128 + signal (0 only if it had ended before the signal was sent), prints at most one stderr line (progress bars
 aside), leaves no
 temporary file, and, for explain --evaluate, leaves faithfulness.md and faithfulness.json from the same run.
 
@@ -51,11 +51,13 @@ def run_once(args: list[str], folder: Path, at: float | None, signum: int, seed:
     start = time.time()
     proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+    sent = False
     if at is not None:
         try:
             proc.wait(timeout=at)
         except subprocess.TimeoutExpired:
             proc.send_signal(signum)
+            sent = True
     out, err = proc.communicate(timeout=600)
     lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.search(line)]
     temporary = [str(p) for p in folder.rglob("*") if ".tmp" in p.name] if folder.exists() else []
@@ -64,7 +66,7 @@ def run_once(args: list[str], folder: Path, at: float | None, signum: int, seed:
     if md.exists() and js.exists():  # The table names the seed of its run: the JSON's.
         paired = f"seed {json.loads(js.read_text())['seed']}." in md.read_text()
     return {"rc": proc.returncode, "seconds": time.time() - start, "stderr": lines, "temporary": temporary,
-            "paired": paired}
+            "paired": paired, "sent": sent}
 
 
 def main(argv=None) -> int:
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
             signum = SIGNALS[(k - 1) % len(SIGNALS)]
             at = k * total / (args.moments + 1)
             r = run_once(cmd, folder(), at, signum, seed=k)
-            ok = (r["rc"] in (0, 128 + signum) and len(r["stderr"]) <= 1 and not r["temporary"] and r["paired"]
+            # Exit 0 only where the command had ended before the signal: one sent to a running command must tell.
+            ok = (r["rc"] == (128 + signum if r["sent"] else 0) and len(r["stderr"]) <= 1 and not r["temporary"] and r["paired"]
                   and not any("Traceback" in line for line in r["stderr"]))
             failures += not ok
             print(f"| {name} | {total:.1f} | {at:.1f} | {signal.Signals(signum).name} | {r['rc']} | {len(r['stderr'])} | "

@@ -245,15 +245,39 @@ def _where_python_discards_exceptions(frame) -> bool:
     return False
 
 
+_raised: int | None = None  # The signal whose exception run_cli has not caught yet (``_send_again_if_swallowed``).
+
+
 def _on_signal(signum, frame):
     """SIGINT as KeyboardInterrupt, SIGTERM/SIGHUP as ``Stopped``; sent again 50 ms later if it arrived where Python
-    would discard the exception."""
-    global _pending
+    would discard the exception, and 0.5 s later if the exception never reaches ``run_cli``."""
+    global _pending, _raised
     if _where_python_discards_exceptions(frame):
         _send_signal_soon(signum)
         return
-    _pending = None
+    _pending, _raised = None, signum
+    _send_again_if_swallowed(signum)
     raise _interruption(signum)
+
+
+def interruption_caught() -> None:
+    """For code that catches a signal's KeyboardInterrupt to clean up before re-raising it: no re-sending meanwhile."""
+    global _raised
+    _raised = None
+
+
+def _send_again_if_swallowed(signum: int, after_s: float = 0.5) -> None:
+    """Library code that catches every exception (a bare ``except:`` around an optional import, ...) swallows the
+    KeyboardInterrupt: the signal is sent again ``after_s`` later, and again, until ``run_cli`` has caught it
+    (seen: a report signalled 2 s after its start, during jax's imports, ran to the end and exited 0)."""
+
+    def check():
+        if _raised == signum:
+            os.kill(os.getpid(), signum)
+
+    timer = threading.Timer(after_s, check)
+    timer.daemon = True
+    timer.start()
 
 
 def keep_freed_memory() -> bool:
@@ -314,7 +338,7 @@ def run_cli(main: Callable[[], int]) -> int:
     Returns the body's own exit code otherwise. Library logs are quietened and glibc told to keep freed
     memory (``keep_freed_memory``) first.
     """
-    global _pending
+    global _pending, _raised
     keep_freed_memory()
     quiet_library_logs()
     sys.unraisablehook = _quiet_unraisable(sys.__unraisablehook__)
@@ -326,6 +350,8 @@ def run_cli(main: Callable[[], int]) -> int:
             timer, signum = _pending
             timer.cancel()
             raise _interruption(signum)
+        if _raised is not None:  # Its exception was swallowed and the work ended before it was sent again.
+            raise _interruption(_raised)
         return code
     except UserError as e:
         print(f"{e.prefix}{e.message}", file=sys.stderr)
@@ -334,11 +360,12 @@ def run_cli(main: Callable[[], int]) -> int:
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        _pending = None
+        _pending, _raised = None, None
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"\ninterrupted ({early.describe(signum)}); nothing was left half-written", file=sys.stderr)
         return 128 + signum
     finally:
+        _raised = None
         early.finished()
         for signum, handler in previous.items():
             signal.signal(signum, handler)

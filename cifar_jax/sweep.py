@@ -130,6 +130,7 @@ def run_jobs(jobs: list[dict], parallel: int, memory_fraction: float, deadline: 
     try:
         _run_jobs(list(jobs), running, parallel, env, deadline, grace)
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP to the sweep: its runs save and stop as well.
+        runtime.interruption_caught()
         for job in running:
             job["proc"].terminate()
         for job in running:

@@ -130,3 +130,22 @@ def test_compilation_cache_entries_are_read_once(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or b"")
     assert runtime.heal_compilation_cache(tmp_path) == [] and read == []
     assert json.loads((tmp_path / runtime.CHECKED).read_text()).keys() == {"a-cache"}
+
+
+def test_a_signal_whose_exception_library_code_swallowed_is_sent_again(capsys):
+    """A bare ``except:`` (as around optional imports) swallows the KeyboardInterrupt: 0.5 s later the signal comes
+    again, and the command still ends in one line instead of running to the end."""
+
+    def body():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except BaseException:  # noqa: B036  What some libraries do.
+            pass
+        time.sleep(10)  # The signal, sent again, is raised here.
+        return 0
+
+    started = time.time()
+    assert runtime.run_cli(body) == 130
+    assert time.time() - started < 5
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C); nothing was left half-written"
