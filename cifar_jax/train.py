@@ -209,6 +209,11 @@ def _train_locked(run: Run, manager, state, clock: PhaseClock) -> list[dict]:
                               metrics={"test_accuracy": record["test_accuracy"]} if tested else None)
                 if stop.signum is not None and not last:
                     save_and_stop(run, manager, state, history, progress, stop.signum)
+                if stop.signum is not None:  # During the last epoch: it finished and is saved; the report is skipped.
+                    raise Interrupted(
+                        f"{signal.Signals(stop.signum).name}: the run finished and saved its last epoch (step "
+                        f"{int(jax.device_get(state.step))}); the report was not written (python -m cifar_jax.report "
+                        f"--workdir {workdir} writes it)", stop.signum)
     finally:
         manager.close()
     clock.lap("epochs")  # Training, evaluation, checkpoints.

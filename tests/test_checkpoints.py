@@ -203,3 +203,23 @@ def test_eval_every_skips_test_metrics_not_training(reference, cifar_archive, tm
     text = report.path.read_text()
     assert "| 1 | " in text and "| - | - |" in text
     assert "## Epoch 1\n" not in (tmp_path / "classification_reports.md").read_text()
+
+
+def test_sigterm_during_the_last_epoch_finishes_it_saves_and_says_so(reference, cifar_archive, tmp_path, monkeypatch,
+                                                                     capsys):
+    """A signal after the last step, while the last epoch is evaluated and saved, is not dropped: the epoch is saved,
+    the report skipped, and the command exits 143 in one line (found by benchmarks/signal_moments.py)."""
+    real, calls = feeds.HostFeed.dispatch, {"n": 0}
+
+    def interrupting_dispatch(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 24:  # The last step of the last epoch (3 of 8 steps each): its evaluation runs on.
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a)
+
+    monkeypatch.setattr(feeds.HostFeed, "dispatch", interrupting_dispatch)
+    assert run(tmp_path, cifar_archive) == 128 + signal.SIGTERM
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("SIGTERM: the run finished and saved its last epoch (step 24)"), last
+    assert make_manager(tmp_path, read_only=True).latest_step() == 24
+    assert metrics(tmp_path) == metrics(reference)
