@@ -207,13 +207,8 @@ def _train_locked(run: Run, manager, state, clock: PhaseClock) -> list[dict]:
                     tested = "test_accuracy" in record  # Only evaluated epochs can be kept as the best.
                     ckpt.save(manager, state, {**run.meta, "history": history, "progress": dataclasses.asdict(progress)},
                               metrics={"test_accuracy": record["test_accuracy"]} if tested else None)
-                if stop.signum is not None and not last:
-                    save_and_stop(run, manager, state, history, progress, stop.signum)
-                if stop.signum is not None:  # During the last epoch: it finished and is saved; the report is skipped.
-                    raise Interrupted(
-                        f"{signal.Signals(stop.signum).name}: the run finished and saved its last epoch (step "
-                        f"{int(jax.device_get(state.step))}); the report was not written (python -m cifar_jax.report "
-                        f"--workdir {workdir} writes it)", stop.signum)
+                if stop.signum is not None:
+                    save_and_stop(run, manager, state, history, progress, stop.signum, finished=last)
     finally:
         manager.close()
     clock.lap("epochs")  # Training, evaluation, checkpoints.
@@ -383,11 +378,15 @@ def epoch_record(run: Run, state, progress: Progress, train_time: float, evaluat
     return record
 
 
-def save_and_stop(run: Run, manager, state, history, progress: Progress, signum: int):
-    """Saves the current step (unless just saved) and raises Interrupted."""
+def save_and_stop(run: Run, manager, state, history, progress: Progress, signum: int, finished: bool = False):
+    """Saves the current step (unless just saved) and raises Interrupted; ``finished``: the last epoch is done (the
+    signal came while it was evaluated and saved), so only the report is skipped."""
     step = int(jax.device_get(state.step))
     if manager.latest_step() != step:
         ckpt.save(manager, state, {**run.meta, "history": history, "progress": dataclasses.asdict(progress)})
+    if finished:
+        raise Interrupted(f"{signal.Signals(signum).name}: the run finished and saved its last epoch (step {step}); the "
+                          f"report was not written (python -m cifar_jax.report --workdir {run.workdir} writes it)", signum)
     raise Interrupted(
         f"{signal.Signals(signum).name}: saved step {step} (epoch {progress.epoch + 1}, batch {progress.step_in_epoch}); "
         "run the same command again to resume",
